@@ -1,0 +1,360 @@
+"""Typed run configuration: dataclasses <- YAML file <- `key.sub=value` overrides, validated once.
+
+    config = load_config("configs/tiny_pkm.yaml", ["train.max_steps=200", "memory.positions=[2:parallel]"])
+
+Every problem is a `ConfigError` that names the dotted key and where it came from (the file, or the
+override that set it). `Config.to_dict()` / `Config.from_dict()` round-trip through plain Python types
+so the config can sit inside a checkpoint loaded with `torch.load(weights_only=True)`.
+See docs/config.md for every key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+PLACEMENTS = ("replace", "after", "parallel")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An unknown key, a wrong type or an invalid value in a config file, override or dict."""
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    vocab_size: int = 0  # 0: take it from the data manifest
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    max_seq_len: int = 512
+
+
+@dataclass
+class MemoryConfig:
+    positions: list[str] = field(default_factory=list)  # "LAYER:replace|after|parallel", LAYER 0-based
+    n_keys: int = 512
+    heads: int = 4
+    knn: int = 32
+    k_dim: int = 512
+    v_dim: Optional[int] = None  # None: d_model
+    query_batchnorm: bool = True
+    input_dropout: float = 0.0
+    query_dropout: float = 0.0
+    value_dropout: float = 0.0
+    share_values: bool = False
+
+    def placements(self) -> list[tuple[int, str]]:
+        """`positions` parsed to (layer, placement) pairs, in the order given. Assumes a validated config."""
+        return [(int(layer), kind) for layer, kind in (p.split(":") for p in self.positions)]
+
+
+@dataclass
+class DataConfig:
+    batch_size: int  # global sequences per optimizer step (summed over ranks and accumulation steps)
+    bptt: int
+    dir: str = "data/bbc_news"
+    seed: int = 0
+    verify_checksums: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int
+    out_dir: str = "runs/default"
+    lr: float = 2.5e-4
+    value_lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    warmup_steps: int = 4000
+    grad_clip: float = 1.0  # 0: off
+    grad_accum: int = 1
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 0  # 0: the whole valid split
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sync_batchnorm: bool = False
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts/lists/scalars: safe for YAML and for `torch.load(weights_only=True)`."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "memory", "data", "train")}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config dict") -> "Config":
+        """Build and validate a Config; errors name the dotted key and `source`."""
+        return _build(cls, d, "", source)._validated(source)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML that `load_config` reads back to an equal Config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def _validated(self, source: str) -> "Config":
+        for key, message in _problems(self):
+            raise ConfigError(f"{source}: invalid value for '{key}': {message}")
+        return self
+
+    def validate_runtime(self, *, world_size: int = 1, device_type: str = "cpu") -> None:
+        """Checks that need facts known only at launch: the process count and the device actually used."""
+        per_step = world_size * self.train.grad_accum
+        if self.data.batch_size % per_step:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by world_size ({world_size}) x "
+                f"train.grad_accum ({self.train.grad_accum}); pick a multiple of {per_step}")
+        if self.train.precision == "fp16" and device_type != "cuda":
+            raise ConfigError(f"train.precision=fp16 needs a CUDA device (running on {device_type}); use bf16")
+
+    def resolve_vocab_size(self, data_vocab_size: int) -> int:
+        """The embedding size to build: model.vocab_size, or the data's when it is 0."""
+        if self.model.vocab_size == 0:
+            return data_vocab_size
+        if self.model.vocab_size < data_vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than the data's vocabulary "
+                f"({data_vocab_size}); set it to 0 to take the data's size")
+        return self.model.vocab_size
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides (value parsed as YAML), validate."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found (see configs/ for the shipped ones)") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read config file: {e.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections "
+                          f"(model, memory, data, train), got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override, source)
+    return Config.from_dict(raw, source)
+
+
+# --- YAML ----------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write the former)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _apply_override(raw: dict, override: str, source: str) -> None:
+    key, sep, text = override.partition("=")
+    where = f"{source}: override '{override}'"
+    if not sep or not key.strip():
+        raise ConfigError(f"{where}: expected KEY.SUB=VALUE, e.g. train.max_steps=100")
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: the value is not valid YAML: {e}") from None
+    parts = key.strip().split(".")
+    _check_path(parts, where)
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: '{'.'.join(parts[:i + 1])}' is not a section")
+    node[parts[-1]] = value
+
+
+def _check_path(parts: list[str], where: str) -> None:
+    """Reject an unknown dotted key early, so the error names the override rather than the file."""
+    cls: Any = Config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{where}: '{'.'.join(parts[:i])}' is a value, not a section")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(f"{where}: {_unknown(parts[:i], part, fields)}")
+        cls = _hints(cls)[part]
+
+
+# --- dict -> dataclasses, with type checks -------------------------------------------------------------
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(prefix: list[str], name: str, fields) -> str:
+    dotted = ".".join([*prefix, str(name)])
+    close = difflib.get_close_matches(str(name), list(fields), n=1)
+    hint = f" (did you mean '{'.'.join([*prefix, close[0]])}'?)" if close else \
+        f" (known: {', '.join(fields)})"
+    return f"unknown key '{dotted}'{hint}"
+
+
+def _build(cls, d: Any, prefix: str, source: str):
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {_describe(d)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix_parts = prefix.rstrip(".").split(".") if prefix else []
+    for name in d:
+        if name not in fields:
+            raise ConfigError(f"{source}: {_unknown(prefix_parts, name, fields)}")
+    hints = _hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing required key '{key}'")
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, d[name], key + ".", source)
+        else:
+            kwargs[name] = _coerce(d[name], hint, key, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against a field's type; ints are accepted (and converted) for floats, bools are not."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {_describe(value)}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: '{key}' must be {_TYPE_NAMES[hint]}, got {_describe(value)}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, (dict, list)) else kind
+
+
+# --- value checks ---------------------------------------------------------------------------------------
+
+def _problems(c: Config):
+    """Yield (dotted key, message) for every invalid value, in a fixed order."""
+    m, mem, d, t = c.model, c.memory, c.data, c.train
+
+    def at_least(key: str, value, low):
+        if value < low:
+            yield key, f"{value} (must be >= {low})"
+
+    def probability(key: str, value):
+        if not 0.0 <= value < 1.0:
+            yield key, f"{value} (must be in [0, 1))"
+
+    yield from at_least("model.vocab_size", m.vocab_size, 0)
+    yield from at_least("model.n_layers", m.n_layers, 1)
+    yield from at_least("model.d_model", m.d_model, 1)
+    yield from at_least("model.n_heads", m.n_heads, 1)
+    if m.n_heads >= 1 and m.d_model % m.n_heads:
+        yield "model.n_heads", f"{m.n_heads} does not divide model.d_model={m.d_model}"
+    yield from at_least("model.ffn_mult", m.ffn_mult, 1)
+    yield from probability("model.dropout", m.dropout)
+    yield from probability("model.attn_dropout", m.attn_dropout)
+    yield from at_least("model.max_seq_len", m.max_seq_len, 1)
+
+    seen: dict[int, set[str]] = {}
+    for i, p in enumerate(mem.positions):
+        key = f"memory.positions[{i}]"
+        match = re.fullmatch(r"(\d+):(\w+)", p)
+        if not match or match.group(2) not in PLACEMENTS:
+            yield key, f"'{p}' (expected 'LAYER:PLACEMENT' with PLACEMENT one of {', '.join(PLACEMENTS)}, e.g. '5:replace')"
+            continue
+        layer, kind = int(match.group(1)), match.group(2)
+        if layer >= m.n_layers:
+            yield key, f"'{p}': layer {layer} is out of range (layers are 0-based, model.n_layers={m.n_layers})"
+        kinds = seen.setdefault(layer, set())
+        if kind in kinds:
+            yield key, f"'{p}' is a duplicate"
+        if {kind} | kinds >= {"replace", "parallel"}:
+            yield key, f"'{p}': layer {layer} cannot have both 'replace' and 'parallel' (both act on its FFN)"
+        kinds.add(kind)
+    yield from at_least("memory.n_keys", mem.n_keys, 1)
+    yield from at_least("memory.heads", mem.heads, 1)
+    yield from at_least("memory.knn", mem.knn, 1)
+    if mem.knn > mem.n_keys:
+        yield "memory.knn", f"{mem.knn} is larger than memory.n_keys={mem.n_keys}"
+    yield from at_least("memory.k_dim", mem.k_dim, 2)
+    if mem.k_dim % 2:
+        yield "memory.k_dim", f"{mem.k_dim} is odd (it is split in two halves, one per sub-key set)"
+    if mem.v_dim is not None:
+        yield from at_least("memory.v_dim", mem.v_dim, 1)
+    for name in ("input_dropout", "query_dropout", "value_dropout"):
+        yield from probability(f"memory.{name}", getattr(mem, name))
+
+    if not d.dir:
+        yield "data.dir", "empty (give the prepared data directory)"
+    yield from at_least("data.batch_size", d.batch_size, 1)
+    yield from at_least("data.bptt", d.bptt, 1)
+    if d.bptt > m.max_seq_len:
+        yield "data.bptt", f"{d.bptt} is larger than model.max_seq_len={m.max_seq_len}"
+
+    if not t.out_dir:
+        yield "train.out_dir", "empty (give the run's output directory)"
+    yield from at_least("train.max_steps", t.max_steps, 1)
+    if t.lr <= 0:
+        yield "train.lr", f"{t.lr} (must be > 0)"
+    if t.value_lr <= 0:
+        yield "train.value_lr", f"{t.value_lr} (must be > 0)"
+    if len(t.betas) != 2:
+        yield "train.betas", f"{t.betas} (must be two numbers, e.g. [0.9, 0.98])"
+    for i, beta in enumerate(t.betas):
+        yield from probability(f"train.betas[{i}]", beta)
+    yield from at_least("train.weight_decay", t.weight_decay, 0)
+    yield from at_least("train.warmup_steps", t.warmup_steps, 0)
+    yield from at_least("train.grad_clip", t.grad_clip, 0)
+    yield from at_least("train.grad_accum", t.grad_accum, 1)
+    if t.grad_accum >= 1 and d.batch_size % t.grad_accum:
+        yield "train.grad_accum", f"{t.grad_accum} does not divide data.batch_size={d.batch_size}"
+    if t.precision not in PRECISIONS:
+        yield "train.precision", f"'{t.precision}' (must be one of {', '.join(PRECISIONS)})"
+    if t.device not in DEVICES:
+        yield "train.device", f"'{t.device}' (must be one of {', '.join(DEVICES)})"
+    if t.precision == "fp16" and t.device == "cpu":
+        yield "train.precision", "fp16 needs CUDA (train.device=cpu); use bf16 on the CPU"
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
+        yield from at_least(f"train.{name}", getattr(t, name), 1)
+    yield from at_least("train.eval_batches", t.eval_batches, 0)
