@@ -1,0 +1,211 @@
+"""Binarized token splits: flat `.bin` arrays readable with `numpy.memmap`, plus a manifest.
+
+A split directory holds `manifest.json` and `shard_00000.bin`, `shard_00001.bin`, ... Documents are
+stored one after another, each followed by `eos_id`, so the split is one contiguous token stream.
+Writing goes to a temporary directory that replaces the split only once every shard and the
+manifest are on disk: an interrupted run never leaves a split that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pkmlm.data import DataError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DEFAULT_MAX_SHARD_TOKENS = 1 << 26  # 128 MiB per shard at uint16: few files, none too large to copy
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits in 16 bits, else uint32 (halves disk and page-cache use)."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _ShardWriter:
+    """Appends token arrays to numbered shards of at most `max_tokens`, hashing as it goes."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, max_tokens: int):
+        self.directory, self.dtype, self.max_tokens = directory, dtype, max_tokens
+        self.shards: list[dict] = []
+        self._file = None
+
+    def _open_next(self) -> None:
+        self._close()
+        name = f"shard_{len(self.shards):05d}.bin"
+        self._file = open(self.directory / name, "wb")
+        self._sha = hashlib.sha256()
+        self.shards.append({"file": name, "num_tokens": 0, "sha256": ""})
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None or self.shards[-1]["num_tokens"] == self.max_tokens:
+                self._open_next()
+            room = self.max_tokens - self.shards[-1]["num_tokens"]
+            chunk, tokens = tokens[:room], tokens[room:]
+            data = chunk.tobytes()
+            self._file.write(data)
+            self._sha.update(data)
+            self.shards[-1]["num_tokens"] += len(chunk)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self.shards[-1]["sha256"] = self._sha.hexdigest()
+
+    def close(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def write_split(split_dir, documents: Iterable[Sequence[int]], *, vocab_size: int, vocab_hash: str,
+                eos_id: int, max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS) -> dict:
+    """Write `documents` (each a sequence of token ids, eos not included) as a binarized split.
+
+    Each document is followed by `eos_id`. Streams: only one document is in memory at a time.
+    Replaces an existing split atomically. Returns the manifest that was written.
+    """
+    if vocab_size < 1:
+        raise DataError(f"vocab_size must be positive, got {vocab_size}")
+    if not 0 <= eos_id < vocab_size:
+        raise DataError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
+    if max_shard_tokens < 1:
+        raise DataError(f"max_shard_tokens must be positive, got {max_shard_tokens}")
+    split_dir = Path(split_dir)
+    split_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = split_dir.with_name(f".{split_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    dtype = token_dtype(vocab_size)
+    try:
+        writer = _ShardWriter(tmp, dtype, max_shard_tokens)
+        num_documents = 0
+        for doc in documents:
+            ids = np.asarray(doc, dtype=np.int64)
+            if ids.ndim != 1:
+                raise DataError(f"document {num_documents} is not a flat sequence of token ids")
+            if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise DataError(f"document {num_documents} has token ids outside [0, {vocab_size})")
+            writer.write(np.append(ids, eos_id).astype(dtype))
+            num_documents += 1
+        shards = writer.close()
+        manifest = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab_size,
+                    "vocab_hash": vocab_hash, "eos_id": eos_id,
+                    "num_tokens": sum(s["num_tokens"] for s in shards),
+                    "num_documents": num_documents, "shards": shards}
+        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        # Swap in the finished split; the old one (if any) is removed only after the rename.
+        old = split_dir.with_name(f".{split_dir.name}.old-{os.getpid()}")
+        if split_dir.exists():
+            os.replace(split_dir, old)
+        os.replace(tmp, split_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class TokenCorpus:
+    """One split as a single token stream over memory-mapped shards; nothing is read up front."""
+
+    def __init__(self, split_dir: Path, manifest: dict):
+        self.split_dir = split_dir
+        self.vocab_size: int = manifest["vocab_size"]
+        self.vocab_hash: str = manifest["vocab_hash"]
+        self.eos_id: int = manifest["eos_id"]
+        self.num_tokens: int = manifest["num_tokens"]
+        self.num_documents: int = manifest["num_documents"]
+        self.dtype = np.dtype(manifest["dtype"])
+        self._shards = [np.memmap(split_dir / s["file"], dtype=self.dtype, mode="r")
+                        for s in manifest["shards"]]
+        # _starts[i] = position of shard i's first token in the stream.
+        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream as int64 `(length,)`, across shard boundaries."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"read({start}, {length}) outside a split of {self.num_tokens} tokens")
+        out = np.empty(length, dtype=np.int64)
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        done = 0
+        while done < length:
+            offset = start + done - self._starts[shard]
+            chunk = self._shards[shard][offset:offset + length - done]
+            out[done:done + len(chunk)] = chunk
+            done += len(chunk)
+            shard += 1
+        return out
+
+
+def open_split(split_dir, *, expected_vocab_hash: str | None = None,
+               verify_checksums: bool = False) -> TokenCorpus:
+    """Open a split written by `write_split`, checking its manifest, shard sizes and vocabulary.
+
+    `expected_vocab_hash`: the model's vocabulary hash; a different one is an error (the ids would
+    mean other tokens). `verify_checksums`: also hash every shard (reads the whole split once).
+    """
+    split_dir = Path(split_dir)
+    path = split_dir / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: prepare the data first "
+                        f"(python -m pkmlm.data.prepare --out {split_dir.parent} ...)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not a readable manifest ({e}): prepare the data again") from e
+    missing = {"format", "dtype", "vocab_size", "vocab_hash", "eos_id", "num_tokens",
+               "num_documents", "shards"} - set(manifest)
+    if manifest.get("format") != FORMAT or missing:
+        raise DataError(f"{path} has format {manifest.get('format')!r} (missing keys: "
+                        f"{sorted(missing)}); this code reads format {FORMAT}: prepare the data again")
+    if manifest["dtype"] != token_dtype(manifest["vocab_size"]).name:
+        raise DataError(f"{path}: dtype {manifest['dtype']} does not match vocab_size "
+                        f"{manifest['vocab_size']}: prepare the data again")
+    if expected_vocab_hash is not None and manifest["vocab_hash"] != expected_vocab_hash:
+        raise DataError(f"{path}: vocabulary hash {manifest['vocab_hash']} differs from the model's "
+                        f"{expected_vocab_hash}: the data was tokenized with another vocabulary; "
+                        f"use the data directory the model was trained on, or re-prepare it")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for shard in manifest["shards"]:
+        file = split_dir / shard["file"]
+        expected = shard["num_tokens"] * itemsize
+        size = file.stat().st_size if file.is_file() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size} bytes"
+            raise DataError(f"{file} is {found}, the manifest says {expected} bytes "
+                            f"(truncated or incomplete copy): copy or prepare the split again")
+        if verify_checksums and _sha256(file) != shard["sha256"]:
+            raise DataError(f"{file}: sha256 differs from the manifest (corrupted): "
+                            f"copy or prepare the split again")
+    if sum(s["num_tokens"] for s in manifest["shards"]) != manifest["num_tokens"]:
+        raise DataError(f"{path}: shard token counts do not add up to num_tokens: prepare again")
+    return TokenCorpus(split_dir, manifest)
