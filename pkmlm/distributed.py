@@ -1,0 +1,238 @@
+"""Multi-process training: launcher environment, process group, DDP wrapping, sparse value grads, preemption.
+
+One process per device. The launcher is torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set for us),
+Slurm's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first host of the job), or nothing
+(one process). NCCL on CUDA, gloo on CPU.
+
+Memory value tables get row-sparse gradients, which NCCL cannot reliably all-reduce. They are therefore hidden
+from DDP and averaged here with all_gather (``all_reduce_sparse_grads``), which works on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+DEFAULT_MASTER_PORT = 29500
+# Exit status of a run that stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL: "try again later").
+PREEMPTED_EXIT_CODE = 75
+
+
+class DistributedError(Exception):
+    """The launcher environment is inconsistent or incomplete."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+    launcher: str = "none"  # none | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read rank, world size and master address from torchrun's or Slurm's variables (torchrun wins)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher, keys = "torchrun", ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        launcher, keys = "slurm", ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    else:
+        return DistEnv()
+    rank, world_size = _int_var(env, keys[0]), _int_var(env, keys[1])
+    local_rank = _int_var(env, keys[2], default=0)
+    if not 0 <= rank < world_size:
+        raise DistributedError(f"{keys[0]}={rank} is outside [0, {keys[1]}={world_size})")
+    port = _int_var(env, "MASTER_PORT", default=DEFAULT_MASTER_PORT)
+    if launcher == "slurm" and "MASTER_ADDR" not in env and world_size > 1:
+        addr = _first_slurm_host(env)
+    else:
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+    return DistEnv(rank, world_size, local_rank, addr, port, launcher)
+
+
+def _int_var(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    if key not in env:
+        if default is None:
+            raise DistributedError(f"environment variable {key} is not set")
+        return default
+    try:
+        return int(env[key])
+    except ValueError:
+        raise DistributedError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def _first_slurm_host(env: Mapping[str, str]) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise DistributedError("under Slurm with several tasks, set SLURM_JOB_NODELIST or MASTER_ADDR")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                             text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise DistributedError(f"`scontrol show hostnames {nodelist}` failed ({e}); set MASTER_ADDR instead") from None
+    hosts = out.split()
+    if not hosts:
+        raise DistributedError(f"`scontrol show hostnames {nodelist}` printed no host; set MASTER_ADDR instead")
+    return hosts[0]
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> this process's device (cuda:LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
+    if not torch.cuda.is_available():
+        raise DistributedError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    if env.local_rank >= torch.cuda.device_count():
+        raise DistributedError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
+def init_process_group(env: DistEnv, device: torch.device) -> None:
+    """Join the process group (no-op for one process)."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                            device_id=device if device.type == "cuda" else None)
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_params: Iterable[nn.Parameter],
+               sync_batchnorm: bool = False) -> nn.Module:
+    """DDP-wrap ``model`` (returned unchanged for one process), leaving ``sparse_params`` to us.
+
+    BatchNorm statistics stay per rank (broadcast_buffers=False) unless ``sync_batchnorm``. The ignored
+    parameters are broadcast from rank 0 here, as DDP would have done for them.
+    """
+    if env.world_size == 1:
+        return model
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sparse_ids = {id(p) for p in sparse_params}
+    # Every name of a shared table, so that DDP skips it whichever module it finds it under.
+    ignored = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in sparse_ids]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
+        dist.broadcast(p.data, src=0)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def all_reduce_sparse_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over ranks in place; row-sparse ones stay row-sparse.
+
+    For a sparse grad (rows, dim): coalesce, all_gather the row counts, all_gather the row indices and rows
+    padded to the largest count, then sum duplicates and divide by the world size. Dense grads are
+    all-reduced. Every rank must call this with the same parameters in the same order.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            raise RuntimeError("a memory value table got no gradient on this rank; all ranks must use every memory")
+        if not p.grad.is_sparse:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+            continue
+        grad = p.grad.coalesce()
+        indices, rows = grad.indices()[0], grad.values()
+        count = torch.tensor([indices.numel()], device=indices.device)
+        counts = [torch.empty_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        counts = [int(c) for c in counts]
+        longest = max(counts)
+        padded_idx = indices.new_zeros(longest)
+        padded_idx[: indices.numel()] = indices
+        padded_rows = rows.new_zeros((longest, *rows.shape[1:]))
+        padded_rows[: rows.shape[0]] = rows
+        all_idx = [torch.empty_like(padded_idx) for _ in range(world)]
+        all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
+        dist.all_gather(all_idx, padded_idx)
+        dist.all_gather(all_rows, padded_rows)
+        idx = torch.cat([t[:n] for t, n in zip(all_idx, counts)])
+        val = torch.cat([t[:n] for t, n in zip(all_rows, counts)]) / world
+        p.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), val, grad.shape).coalesce()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (no-op for one process); returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process). Trusted peers only: pickles."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class PreemptionHandler:
+    """Turns SIGUSR1 (Slurm's advance warning) and SIGTERM into a flag the loop polls between steps."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def install(self) -> "PreemptionHandler":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` when running under Slurm; returns whether a requeue was asked for."""
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    return result.returncode == 0

@@ -1,0 +1,114 @@
+import os
+import signal
+import stat
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pkmlm import distributed as D
+
+
+def _fake_scontrol(tmp_path, monkeypatch, hostnames="node-a\nnode-b\n"):
+    """Put a fake `scontrol` first on PATH: it records its arguments and prints ``hostnames``."""
+    log = tmp_path / "scontrol.log"
+    script = tmp_path / "bin" / "scontrol"
+    script.parent.mkdir()
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n[ "$1" = show ] && printf "{hostnames}"\nexit 0\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_no_launcher_means_one_process():
+    assert D.detect_env({}) == D.DistEnv()
+    assert D.detect_env({}).is_main
+
+
+def test_torchrun_env():
+    env = D.detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+                        "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert env == D.DistEnv(3, 4, 1, "10.0.0.1", 1234, "torchrun")
+
+
+def test_slurm_env_takes_master_from_first_host(tmp_path, monkeypatch):
+    log = _fake_scontrol(tmp_path, monkeypatch)
+    env = D.detect_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "32", "SLURM_LOCALID": "1",
+                        "SLURM_JOB_NODELIST": "node-[a-d]"})
+    assert env == D.DistEnv(9, 32, 1, "node-a", D.DEFAULT_MASTER_PORT, "slurm")
+    assert log.read_text().split() == ["show", "hostnames", "node-[a-d]"]
+    # An explicit MASTER_ADDR / MASTER_PORT wins over scontrol.
+    env = D.detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "h0", "MASTER_PORT": "4000"})
+    assert (env.master_addr, env.master_port, env.local_rank) == ("h0", 4000, 0)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "outside"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "SLURM_JOB_NODELIST or MASTER_ADDR"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "http"}, "MASTER_PORT"),
+])
+def test_bad_env_is_a_clear_error(environ, message):
+    with pytest.raises(D.DistributedError, match=message):
+        D.detect_env(environ)
+
+
+def test_scontrol_failure_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol at all
+    with pytest.raises(D.DistributedError, match="set MASTER_ADDR"):
+        D.detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"})
+
+
+def test_resolve_device():
+    assert D.resolve_device("cpu", D.DistEnv()) == torch.device("cpu")
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        D.resolve_device("tpu", D.DistEnv())
+    if not torch.cuda.is_available():
+        assert D.resolve_device("auto", D.DistEnv()) == torch.device("cpu")
+        with pytest.raises(D.DistributedError, match="train.device=cpu"):
+            D.resolve_device("cuda", D.DistEnv())
+
+
+def test_preemption_signals_set_flag_and_requeue(tmp_path, monkeypatch):
+    handler = D.PreemptionHandler().install()
+    try:
+        assert not handler.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.signal == signal.SIGUSR1
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    log = _fake_scontrol(tmp_path, monkeypatch)
+    assert not D.requeue_slurm_job({})
+    assert D.requeue_slurm_job({"SLURM_JOB_ID": "4242"})
+    assert log.read_text().split() == ["requeue", "4242"]
+
+
+def _sparse_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    table = torch.nn.Embedding(10, 3, sparse=True)
+    dense = torch.nn.Parameter(torch.zeros(2))
+    # Different, overlapping rows on each rank, one row twice (uncoalesced), rank 1 reads more rows.
+    rows = torch.tensor([[1, 4, 4], [4, 7, 2]])[rank] if rank < 2 else torch.tensor([0])
+    (table(rows) * (rank + 1)).sum().backward()
+    dense.grad = torch.full((2,), float(rank))
+    D.all_reduce_sparse_grads([table.weight, dense])
+    torch.save({"grad": table.weight.grad.to_dense(), "sparse": table.weight.grad.is_sparse,
+                "dense": dense.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_all_reduce_sparse_grads_matches_dense_average(tmp_path):
+    mp.spawn(_sparse_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    expected = torch.zeros(10, 3)
+    expected[1] += 1
+    expected[4] += 2 + 2
+    expected[7] += 2
+    expected[2] += 2
+    expected /= 2
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["sparse"]
+        torch.testing.assert_close(got["grad"], expected)
+        torch.testing.assert_close(got["dense"], torch.full((2,), 0.5))
