@@ -1,0 +1,259 @@
+"""Product-key memory layer (Lample et al., "Large Memory Layers with Product Keys", NeurIPS 2019).
+
+A token's query is split into two halves; each half is scored against its own `n_keys` sub-keys, and
+the `n_keys**2` memory slots are all pairs (i1, i2) of sub-keys, scored by the sum of the two half
+scores. The best `knn` slots per head are read from a value table with softmax weights, heads summed.
+Finding them costs O(n_keys) per half instead of O(n_keys**2): see `ProductKeyMemory.lookup`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True) -> nn.EmbeddingBag:
+    """A value table of `n_keys**2` rows of size `v_dim`, initialised N(0, v_dim**-0.5).
+
+    Build one and pass it as `values=` to several `ProductKeyMemory` layers to share it.
+    `sparse=True` makes its gradient a row-sparse tensor (only the rows read in the step).
+    """
+    _check_positive(n_keys=n_keys, v_dim=v_dim)
+    table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse)
+    nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
+    return table
+
+
+def candidate_pairs(knn: int) -> tuple[Tensor, Tensor]:
+    """Rank pairs (a, b), 0-based, that can reach the top-knn of sums of two sorted lists.
+
+    With both lists sorted in decreasing order, the pair at ranks (a, b) is beaten or tied by every
+    pair (a', b') with a' <= a and b' <= b: (a+1)(b+1) pairs, itself included. So only pairs with
+    (a+1)(b+1) <= knn can be in the top-knn (up to ties): about knn*ln(knn) of the knn**2 pairs.
+    Returns two LongTensors of shape (P,): the ranks a and b.
+    """
+    pairs = [(a, b) for a in range(knn) for b in range(knn) if (a + 1) * (b + 1) <= knn]
+    a, b = zip(*pairs)
+    return torch.tensor(a), torch.tensor(b)
+
+
+class ProductKeyMemory(nn.Module):
+    """Maps `(..., input_dim)` to `(..., output_dim)` through a memory of `n_keys**2` value slots.
+
+    Args (every size must be a positive int):
+        n_keys: sub-keys per query half; the memory has n_keys**2 slots.
+        heads: independent queries per token, each reading knn slots; their reads are summed.
+        knn: slots read per head (at most n_keys).
+        k_dim: query size per head (even: it is split into two halves of k_dim // 2).
+        v_dim: value size (default: output_dim). If it differs from output_dim, a linear
+            projection v_dim -> output_dim follows the read.
+        query_batchnorm: BatchNorm1d on the queries (the paper's fix for unbalanced key usage).
+        input_dropout, query_dropout, value_dropout: dropout on the input, on the queries (after
+            BatchNorm) and on the read values (before the output projection). Each in [0, 1).
+        sparse: the value table's gradient is row-sparse (pair it with `pkmlm.optim`'s row
+            optimizer); otherwise it is a dense (n_keys**2, v_dim) tensor every step.
+        values: a table from `make_value_table` to share with other memories; its size must be
+            (n_keys**2, v_dim) and its `sparse` flag must equal `sparse`.
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, *, n_keys: int = 512, heads: int = 4,
+                 knn: int = 32, k_dim: int = 512, v_dim: int | None = None,
+                 query_batchnorm: bool = True, input_dropout: float = 0.0,
+                 query_dropout: float = 0.0, value_dropout: float = 0.0, sparse: bool = True,
+                 values: nn.EmbeddingBag | None = None):
+        super().__init__()
+        if v_dim is None:
+            v_dim = values.embedding_dim if isinstance(values, nn.EmbeddingBag) else output_dim
+        _check_positive(input_dim=input_dim, output_dim=output_dim, n_keys=n_keys, heads=heads,
+                        knn=knn, k_dim=k_dim, v_dim=v_dim)
+        if k_dim % 2:
+            raise ValueError(f"k_dim must be even (it is split into two halves), got {k_dim}")
+        if knn > n_keys:
+            raise ValueError(f"knn ({knn}) must be at most n_keys ({n_keys}): each query half "
+                             f"picks its top-knn among n_keys sub-keys")
+        for name, p in (("input_dropout", input_dropout), ("query_dropout", query_dropout),
+                        ("value_dropout", value_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        if values is None:
+            values = make_value_table(n_keys, v_dim, sparse=sparse)
+        else:
+            _check_shared_values(values, n_keys, v_dim, sparse)
+
+        self.input_dim, self.output_dim = input_dim, output_dim
+        self.n_keys, self.heads, self.knn, self.k_dim, self.v_dim = n_keys, heads, knn, k_dim, v_dim
+
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.query_proj = nn.Linear(input_dim, heads * k_dim)
+        self.query_norm = nn.BatchNorm1d(heads * k_dim) if query_batchnorm else None
+        self.query_dropout = nn.Dropout(query_dropout)
+        half = k_dim // 2
+        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, half).uniform_(-half**-0.5, half**-0.5))
+        self.values = values
+        self.value_dropout = nn.Dropout(value_dropout)
+        self.out_proj = nn.Linear(v_dim, output_dim) if v_dim != output_dim else None
+
+        a, b = candidate_pairs(knn)
+        self.register_buffer("pair_a", a, persistent=False)
+        self.register_buffer("pair_b", b, persistent=False)
+        # Usage histograms: allocated by track_usage(True), never saved in checkpoints.
+        self.register_buffer("usage_counts", None, persistent=False)
+        self.register_buffer("usage_weights", None, persistent=False)
+        self.register_buffer("usage_subkeys", None, persistent=False)
+
+    # ---- forward path ---------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(..., input_dim) -> (..., output_dim). `mask` (...) bool, True = real token.
+
+        Padding tokens (mask False) are not looked up, do not enter the BatchNorm statistics or the
+        usage histograms, and get a zero output.
+        """
+        x_flat, m = self._flatten(x, mask)
+        if m is None:
+            out = self._read(x_flat)
+        else:
+            real = self._read(x_flat[m])
+            out = real.new_zeros(x_flat.shape[0], self.output_dim)
+            out[m] = real
+        return out.view(*x.shape[:-1], self.output_dim)
+
+    def query(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Queries of the N flattened tokens of x: (N, heads, k_dim). Padding rows are zero."""
+        x_flat, m = self._flatten(x, mask)
+        if m is None:
+            return self._query(x_flat)
+        real = self._query(x_flat[m])
+        q = real.new_zeros(x_flat.shape[0], self.heads, self.k_dim)
+        q[m] = real
+        return q
+
+    def lookup(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact top-knn slots of queries q (N, heads, k_dim) -> (scores, indices), each (N, heads, knn).
+
+        Sorted by decreasing score; slot = i1 * n_keys + i2 and score = q[:half] . keys[h, 0, i1] +
+        q[half:] . keys[h, 1, i2]. Exact up to ties among equal scores.
+        """
+        if q.dim() != 3 or q.shape[1:] != (self.heads, self.k_dim):
+            raise ValueError(f"lookup expects queries of shape (N, {self.heads}, {self.k_dim}) "
+                             f"(N, heads, k_dim), got {tuple(q.shape)}")
+        scores, indices, _ = self._search(q)
+        return scores, indices
+
+    def _flatten(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if x.dim() < 1 or x.shape[-1] != self.input_dim:
+            raise ValueError(f"input's last dimension must be input_dim={self.input_dim}, "
+                             f"got shape {tuple(x.shape)}")
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+                raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:-1])} "
+                                 f"(the input's shape without its last dimension), got "
+                                 f"{mask.dtype} {tuple(mask.shape)}")
+            mask = mask.reshape(-1)
+        return x.reshape(-1, self.input_dim), mask
+
+    def _query(self, x: Tensor) -> Tensor:
+        """(N, input_dim) -> (N, heads, k_dim)."""
+        q = self.query_proj(self.input_dropout(x))
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        return self.query_dropout(q).view(-1, self.heads, self.k_dim)
+
+    def _search(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, heads, k_dim) -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn)."""
+        n, half = q.shape[0], self.k_dim // 2
+        # (N, heads, 2, n_keys): each query half against its own sub-keys, all heads in one einsum.
+        half_scores = torch.einsum("nhpd,hpkd->nhpk", q.view(n, self.heads, 2, half), self.keys.to(q.dtype))
+        top_scores, top_ids = half_scores.topk(self.knn, dim=-1)  # (N, heads, 2, knn), sorted
+        # Sum only the rank pairs that can reach the top-knn (see candidate_pairs).
+        sums = (top_scores[:, :, 0].index_select(-1, self.pair_a)
+                + top_scores[:, :, 1].index_select(-1, self.pair_b))  # (N, heads, P)
+        scores, best = sums.topk(self.knn, dim=-1)  # (N, heads, knn)
+        i1 = top_ids[:, :, 0].gather(-1, self.pair_a[best])
+        i2 = top_ids[:, :, 1].gather(-1, self.pair_b[best])
+        return scores, i1 * self.n_keys + i2, top_ids
+
+    def _read(self, x: Tensor) -> Tensor:
+        """(N, input_dim) -> (N, output_dim)."""
+        scores, indices, subkeys = self._search(self._query(x))
+        # float32 softmax even under autocast: bf16 weights over 32 slots lose the small ones.
+        weights = F.softmax(scores.float(), dim=-1)  # (N, heads, knn)
+        if self.usage_counts is not None:
+            self._accumulate_usage(indices, weights, subkeys)
+        n = indices.shape[0]
+        out = self.values(indices.reshape(n, -1),
+                          per_sample_weights=weights.reshape(n, -1).to(self.values.weight.dtype))
+        out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
+        return self.out_proj(out) if self.out_proj is not None else out
+
+    # ---- what the trainer and the metrics need ----------------------------------------------------
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """The value table's weight: the parameter `pkmlm.optim` gives to the sparse row optimizer."""
+        return [self.values.weight]
+
+    def track_usage(self, enabled: bool = True) -> None:
+        """Start (zeroed histograms) or stop accumulating slot usage in forward."""
+        if not enabled:
+            self.usage_counts = self.usage_weights = self.usage_subkeys = None
+            return
+        if self.usage_counts is None:
+            slots = self.n_keys**2
+            kw = dict(dtype=torch.float64, device=self.keys.device)
+            self.usage_counts = torch.zeros(self.heads, slots, **kw)
+            self.usage_weights = torch.zeros(self.heads, slots, **kw)
+            self.usage_subkeys = torch.zeros(self.heads, 2, self.n_keys, **kw)
+
+    def reset_usage(self) -> None:
+        """Zero the usage histograms (tracking must be on)."""
+        self._require_tracking()
+        for t in (self.usage_counts, self.usage_weights, self.usage_subkeys):
+            t.zero_()
+
+    def usage(self) -> dict[str, Tensor]:
+        """Histograms since the last reset, summed over the real tokens this layer read.
+
+        "counts": (heads, n_keys**2) float64, times each slot was selected by each head;
+        "weights": (heads, n_keys**2) float64, summed softmax weight each slot received;
+        "subkey_counts": (heads, 2, n_keys) float64, times each sub-key was in its half's top-knn.
+        """
+        self._require_tracking()
+        return {"counts": self.usage_counts.clone(), "weights": self.usage_weights.clone(),
+                "subkey_counts": self.usage_subkeys.clone()}
+
+    def _require_tracking(self) -> None:
+        if self.usage_counts is None:
+            raise RuntimeError("usage tracking is off: call track_usage(True) first")
+
+    @torch.no_grad()
+    def _accumulate_usage(self, indices: Tensor, weights: Tensor, subkeys: Tensor) -> None:
+        # Offset each head's ids into its own row of the flattened (heads, ...) histogram.
+        heads = torch.arange(self.heads, device=indices.device)
+        slot = (indices + (heads * self.n_keys**2).view(1, -1, 1)).reshape(-1)
+        self.usage_counts.view(-1).index_add_(0, slot, torch.ones_like(slot, dtype=torch.float64))
+        self.usage_weights.view(-1).index_add_(0, slot, weights.reshape(-1).double())
+        half = torch.arange(2 * self.heads, device=indices.device).view(1, self.heads, 2, 1)
+        sub = (subkeys + half * self.n_keys).reshape(-1)
+        self.usage_subkeys.view(-1).index_add_(0, sub, torch.ones_like(sub, dtype=torch.float64))
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_dim}->{self.output_dim}, n_keys={self.n_keys} ({self.n_keys**2} slots), "
+                f"heads={self.heads}, knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}")
+
+
+def _check_positive(**sizes) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_shared_values(values, n_keys: int, v_dim: int, sparse: bool) -> None:
+    if not isinstance(values, nn.EmbeddingBag) or values.mode != "sum":
+        raise ValueError("values must be an nn.EmbeddingBag with mode='sum' (use make_value_table)")
+    if values.weight.shape != (n_keys**2, v_dim):
+        raise ValueError(f"values has shape {tuple(values.weight.shape)}, this memory needs "
+                         f"(n_keys**2, v_dim) = ({n_keys**2}, {v_dim})")
+    if values.sparse != sparse:
+        raise ValueError(f"values.sparse is {values.sparse} but sparse={sparse}: build the shared "
+                         f"table with make_value_table(..., sparse={sparse})")
