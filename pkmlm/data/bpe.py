@@ -1,0 +1,211 @@
+"""Subword vocabularies behind one interface: sentencepiece BPE (default) or fastBPE.
+
+Both read Moses-tokenized text (paragraphs on separate lines) and use the same special ids:
+0 = <unk>, 1 = </s> (end of document). A tokenizer lives in a directory with its backend's files
+(`spm.model`, or fastBPE's `codes` and `vocab`, in the original release's formats) and a
+`tokenizer.json` naming them, with the vocabulary size and hash that every binarized split records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from pkmlm.data import DataError
+
+BACKENDS = ("sentencepiece", "fastbpe")
+UNK_ID, EOS_ID = 0, 1
+META = "tokenizer.json"
+
+
+class Tokenizer:
+    """Maps Moses-tokenized text to ids and back. `pieces[i]` is the string of id i."""
+
+    backend: str
+    files: dict[str, str]
+
+    def __init__(self, directory: Path, pieces: list[str]):
+        self.directory, self.pieces = Path(directory), pieces
+        self.eos_id, self.unk_id = EOS_ID, UNK_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def vocab_hash(self) -> str:
+        """Identifies the id -> piece mapping: data and models must agree on it."""
+        text = "\n".join([self.backend, *self.pieces])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text (its lines encoded one after another); no eos is added."""
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        """Moses-tokenized text of `ids`; eos ids are dropped."""
+        raise NotImplementedError
+
+    def save_meta(self) -> None:
+        meta = {"format": 1, "backend": self.backend, "files": self.files,
+                "vocab_size": self.vocab_size, "vocab_hash": self.vocab_hash, "eos_id": self.eos_id,
+                "special": {"<unk>": self.unk_id, "</s>": self.eos_id}}
+        tmp = self.directory / f".{META}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.directory / META)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    backend = "sentencepiece"
+    files = {"model": "spm.model"}
+
+    def __init__(self, directory):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(Path(directory) / "spm.model"))
+        super().__init__(directory, [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())])
+
+    @classmethod
+    def learn(cls, text_file: Path, directory: Path, vocab_size: int, seed: int = 0):
+        import sentencepiece
+
+        sentencepiece.set_random_generator_seed(seed)
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                input=str(text_file), model_prefix=str(directory / "spm"), model_type="bpe",
+                vocab_size=vocab_size, character_coverage=1.0, unk_id=UNK_ID, eos_id=EOS_ID,
+                bos_id=-1, pad_id=-1,
+                # Identity normalisation: Moses already normalised, and decoding stays exact.
+                normalization_rule_name="identity", max_sentence_length=1 << 16,
+                # Large corpora: learn from a random sample of lines rather than all of them.
+                input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                num_threads=os.cpu_count() or 1, minloglevel=2)
+        except RuntimeError as e:
+            raise DataError(f"sentencepiece could not learn {vocab_size} pieces from {text_file} "
+                            f"({e}): lower --vocab-size or give more text") from e
+        (directory / "spm.vocab").unlink(missing_ok=True)  # a readable copy of the model; unused
+        return cls(directory)
+
+    def encode(self, texts):
+        lines = [text.split("\n") for text in texts]
+        flat = self.sp.encode([line for doc in lines for line in doc])
+        out, i = [], 0
+        for doc in lines:
+            out.append([t for piece_ids in flat[i:i + len(doc)] for t in piece_ids])
+            i += len(doc)
+        return out
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids if i != self.eos_id])
+
+
+@contextmanager
+def _stdout_silenced():
+    """fastBPE's module prints its loading progress from C++ straight to file descriptor 1."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def fast_binary() -> str:
+    """Path of fastBPE's `fast` tool: next to this Python, else on PATH."""
+    local = Path(sys.executable).parent / "fast"
+    found = str(local) if local.is_file() else shutil.which("fast")
+    if not found:
+        raise DataError("fastBPE's `fast` tool was not found: run scripts/install_fastbpe.sh")
+    return found
+
+
+class FastBPETokenizer(Tokenizer):
+    """fastBPE codes and vocab; ids: <unk>, </s>, then the vocab file's entries in its order."""
+
+    backend = "fastbpe"
+    files = {"codes": "codes", "vocab": "vocab"}
+
+    def __init__(self, directory):
+        try:
+            import fastBPE
+        except ImportError as e:
+            raise DataError("the fastbpe backend needs the fastBPE module: "
+                            "run scripts/install_fastbpe.sh") from e
+        directory = Path(directory)
+        vocab = [line.split(" ")[0] for line in (directory / "vocab").read_text().splitlines() if line]
+        super().__init__(directory, ["<unk>", "</s>", *vocab])
+        with _stdout_silenced():
+            self.bpe = fastBPE.fastBPE(str(directory / "codes"), str(directory / "vocab"))
+        self.ids = {piece: i for i, piece in enumerate(self.pieces)}
+
+    @classmethod
+    def learn(cls, text_file: Path, directory: Path, vocab_size: int, seed: int = 0):
+        """`vocab_size` is the number of merges; the vocabulary adds the characters seen."""
+        fast = fast_binary()
+        run = dict(check=True, capture_output=True)
+        try:
+            with open(directory / "codes", "wb") as codes:
+                subprocess.run([fast, "learnbpe", str(vocab_size), str(text_file)], stdout=codes,
+                               check=True, stderr=subprocess.PIPE)
+            applied = directory / "train.bpe.tmp"
+            subprocess.run([fast, "applybpe", str(applied), str(text_file), str(directory / "codes")], **run)
+            with open(directory / "vocab", "wb") as vocab:
+                subprocess.run([fast, "getvocab", str(applied)], stdout=vocab, check=True,
+                               stderr=subprocess.PIPE)
+            applied.unlink()
+        except subprocess.CalledProcessError as e:
+            raise DataError(f"fastBPE failed on {text_file}: {e.stderr.decode(errors='replace')}") from e
+        return cls(directory)
+
+    def encode(self, texts):
+        lines = [text.split("\n") for text in texts]
+        flat = self.bpe.apply([line for doc in lines for line in doc])
+        out, i = [], 0
+        for doc in lines:
+            out.append([self.ids.get(p, UNK_ID) for line in flat[i:i + len(doc)] for p in line.split()])
+            i += len(doc)
+        return out
+
+    def decode(self, ids):
+        text = " ".join(self.pieces[int(i)] for i in ids if i != self.eos_id)
+        return (text + " ").replace("@@ ", "").rstrip(" ")
+
+
+_CLASSES = {"sentencepiece": SentencePieceTokenizer, "fastbpe": FastBPETokenizer}
+
+
+def learn_tokenizer(backend: str, text_file, directory, vocab_size: int, seed: int = 0) -> Tokenizer:
+    """Learn a `backend` vocabulary from `text_file` (one Moses-tokenized paragraph per line)."""
+    if backend not in _CLASSES:
+        raise DataError(f"unknown BPE backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if vocab_size < 3:
+        raise DataError(f"vocab size must be at least 3, got {vocab_size}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _CLASSES[backend].learn(Path(text_file), directory, vocab_size, seed)
+    tokenizer.save_meta()
+    return tokenizer
+
+
+def load_tokenizer(directory) -> Tokenizer:
+    """The tokenizer saved in `directory` (DATA_DIR/tokenizer), checked against its tokenizer.json."""
+    path = Path(directory) / META
+    if not path.is_file():
+        raise DataError(f"{path} not found: prepare the data first (python -m pkmlm.data.prepare)")
+    meta = json.loads(path.read_text())
+    if meta.get("backend") not in _CLASSES:
+        raise DataError(f"{path}: unknown backend {meta.get('backend')!r}: prepare the data again")
+    tokenizer = _CLASSES[meta["backend"]](directory)
+    if tokenizer.vocab_hash != meta.get("vocab_hash"):
+        raise DataError(f"{path}: the vocabulary files hash to {tokenizer.vocab_hash}, not "
+                        f"{meta.get('vocab_hash')}: they were changed; prepare the data again")
+    return tokenizer
