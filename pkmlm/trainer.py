@@ -1,0 +1,371 @@
+"""The training loop: forward, loss, backward, clip, step, log, validate, checkpoint, resume.
+
+    result = train(load_config("configs/tiny_pkm.yaml"), resume="latest")
+
+One call runs one process's part of a run; under torchrun or srun every process calls it (see
+pkmlm/distributed.py). The global batch (``data.batch_size`` sequences) is split over ranks, then over
+``train.grad_accum`` micro-batches; the loss is the mean token NLL over the whole global batch, so any split
+gives the same loss and the same update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pkmlm import checkpoint as ckpt
+from pkmlm import distributed as D
+from pkmlm.config import Config
+from pkmlm.data.shards import open_split
+from pkmlm.data.stream import TrainStream, eval_batches
+from pkmlm.log import RunLogger
+from pkmlm.metrics import memory_stats
+from pkmlm.model import TransformerLM
+from pkmlm.optim import Optimizers, inverse_sqrt_warmup, make_optimizers
+
+
+class TrainingError(Exception):
+    """The run cannot go on (too many non-finite losses, a non-finite weight, an occupied out_dir)."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done, over all runs of this out_dir
+    losses: dict[int, float] = field(default_factory=dict)  # step -> global mean train NLL, this call's steps
+    valid_loss: float | None = None  # last validation mean NLL (nats)
+    memory: dict[str, dict] = field(default_factory=dict)  # memory name -> metrics.MemoryStats as dict
+    preempted: bool = False  # stopped on SIGUSR1/SIGTERM after checkpointing
+    model: nn.Module | None = None  # the trained model, unwrapped from DDP
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (fp32: none)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_batches: int = 0,
+                  precision: str = "fp32") -> float:
+    """Exact token-weighted mean NLL (nats) of ``model`` over ``corpus``; perplexity = exp of it.
+
+    Every token of the split is predicted once (``eval_batches``), split over ranks when a process group
+    is up and summed over them. ``max_batches`` > 0 evaluates only each rank's first batches.
+    batch_size: rows (B, bptt) per forward on each rank.
+    """
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, target count
+    batches = eval_batches(corpus, batch_size=batch_size, bptt=bptt, rank=rank, world_size=world)
+    for i, (inputs, targets) in enumerate(batches):
+        if max_batches and i == max_batches:
+            break
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, precision):
+            logits = model(inputs)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                     reduction="sum")
+        totals[1] += (targets != -100).sum()
+    model.train(was_training)
+    D.all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
+    """Total L2 norm of the grads of ``params`` (dense or row-sparse); scaled down to ``max_norm`` if above
+    (``max_norm`` 0: measure only). Returns the norm before clipping."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # duplicate rows must be summed before their norm means anything
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+    return norm.item()
+
+
+def memory_metrics(model: nn.Module) -> dict[str, dict]:
+    """Usage and KL of every memory from its usage histograms, summed over ranks (all ranks must call)."""
+    out = {}
+    for name, memory in model.memories():
+        hist = memory.usage()
+        counts, weights = D.all_reduce_sum(hist["counts"]), D.all_reduce_sum(hist["weights"])
+        out[name] = memory_stats(counts, weights).__dict__
+    return out
+
+
+def train(config: Config, resume: str | os.PathLike | None = None) -> TrainResult:
+    """Run (or continue) training as this process's part of the job; see the module docstring.
+
+    resume: None (fresh run; refuses an out_dir that holds checkpoints), "latest" (the newest checkpoint in
+    ``train.out_dir``, or a fresh run when there is none: the same command works after a requeue), or a path.
+    """
+    env = D.detect_env()
+    device = D.resolve_device(config.train.device, env)
+    config.validate_runtime(world_size=env.world_size, device_type=device.type)
+    D.init_process_group(env, device)
+    try:
+        return Trainer(config, env, device).run(resume)
+    finally:
+        D.destroy_process_group()
+
+
+class Trainer:
+    """One process's training state. ``run()`` is the loop; the other methods are its steps."""
+
+    def __init__(self, config: Config, env: D.DistEnv, device: torch.device):
+        self.config, self.env, self.device = config, env, device
+        t, d = config.train, config.data
+        self.out_dir = Path(t.out_dir)
+        self.train_data = open_split(Path(d.dir) / "train", verify_checksums=d.verify_checksums)
+        self.valid_data = open_split(Path(d.dir) / "valid", expected_vocab_hash=self.train_data.vocab_hash,
+                                     verify_checksums=d.verify_checksums)
+        self.stream = TrainStream(self.train_data, batch_size=d.batch_size, bptt=d.bptt, rank=env.rank,
+                                  world_size=env.world_size, seed=d.seed)
+        self.micro_rows = d.batch_size // (env.world_size * t.grad_accum)
+
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        self.model = TransformerLM(config, config.resolve_vocab_size(self.train_data.vocab_size)).to(device)
+        self.optim: Optimizers = make_optimizers(self.model, lr=t.lr, value_lr=t.value_lr, betas=tuple(t.betas),
+                                                 weight_decay=t.weight_decay)
+        # Clipping and norms per optimizer: dense parameters, memory value rows.
+        self.groups = {"dense": _params(self.optim.dense)}
+        if self.optim.values is not None:
+            self.groups["values"] = _params(self.optim.values)
+        self.sparse_params = self.groups.get("values", [])
+        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+        torch.manual_seed(t.seed + env.rank)  # different dropout masks per rank
+        self.step = 0
+        self.nonfinite = 0
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+
+    def _resume(self, resume) -> Path | None:
+        """Load the checkpoint ``resume`` names (see ``train``); returns its path, None for a fresh run."""
+        if resume is None:
+            if ckpt.latest_checkpoint(self.out_dir) is not None:
+                raise TrainingError(f"{ckpt.checkpoint_dir(self.out_dir)} already holds checkpoints: pass "
+                                    "--resume to continue that run, or set train.out_dir to a new directory")
+            return None
+        path = ckpt.latest_checkpoint(self.out_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            return None
+        state = ckpt.load_checkpoint(path)
+        ckpt.check_resumable(state["config"], self.config.to_dict(), path)
+        ckpt.check_vocab(state["vocab_hash"], self.train_data.vocab_hash, path)
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optimizers"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state_dict(state["data"])
+        self.step = state["step"]
+        ranks = state["rng"]["ranks"]
+        if len(ranks) == self.env.world_size:
+            ckpt.set_rng_state(ranks[self.env.rank], self.device)
+        else:  # another process count: data order is kept, dropout masks cannot be
+            warnings.warn(f"{path} was written by {len(ranks)} processes, this run has {self.env.world_size}: "
+                          "random state (dropout) is reseeded, so the run is not bit-identical")
+            torch.manual_seed(self.config.train.seed + self.env.rank + self.step)
+        return path
+
+    def _save(self) -> None:
+        rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
+        if not self.env.is_main:
+            return
+        for name, p in self.model.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise TrainingError(f"refusing to checkpoint: {name} holds NaN or inf")
+        state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
+                 "optimizers": self.optim.state_dict(), "step": self.step, "rng": {"ranks": rng},
+                 "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
+                 # The lr schedule is a pure function of the step, so it needs no state of its own.
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
+        self.log.message(f"step {self.step}: saved {path}")
+
+    # ---- one optimizer step ------------------------------------------------------------------------------
+
+    def _train_step(self, ddp_model: nn.Module, stop_requested: bool) -> tuple[float, dict[str, float], bool]:
+        """Forward/backward the global batch, then update unless the loss or a grad norm is not finite.
+
+        Returns (global mean NLL, grad norms per group, whether any rank asked to stop).
+        """
+        t, bptt = self.config.train, self.config.data.bptt
+        world = self.env.world_size
+        global_tokens = self.config.data.batch_size * bptt
+        rows = next(self.stream).to(self.device, non_blocking=True).long()  # (B / world, bptt + 1)
+        nll = torch.zeros((), device=self.device, dtype=torch.float64)
+        micro_batches = rows.split(self.micro_rows)
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP averages grads over ranks; scaling by world / global tokens makes that the global mean.
+            with ddp_model.no_sync() if world > 1 and not last else nullcontext():
+                with autocast(self.device, t.precision):
+                    logits = ddp_model(micro[:, :-1])
+                micro_nll = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten(), reduction="sum")
+                loss = micro_nll * (world / global_tokens)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            nll += micro_nll.detach()
+        D.all_reduce_sparse_grads(self.sparse_params)
+        # One all-reduce carries the loss and the stop flag, so every rank takes the same decisions.
+        shared = D.all_reduce_sum(torch.stack([nll, torch.tensor(float(stop_requested), device=self.device,
+                                                                   dtype=torch.float64)]))
+        loss = shared[0].item() / global_tokens
+        stop = shared[1].item() > 0
+
+        if self.scaler is not None:
+            for opt in (self.optim.dense, self.optim.values):
+                if opt is not None:
+                    self.scaler.unscale_(opt)
+        norms = {name: clip_grad_norm_(params, t.grad_clip) for name, params in self.groups.items()}
+        # With fp16 an inf grad norm is the GradScaler's business: it skips the step and lowers the scale.
+        finite = math.isfinite(loss) and (self.scaler is not None or all(map(math.isfinite, norms.values())))
+        if finite:
+            self.nonfinite = 0
+            self.optim.set_lr_factor(inverse_sqrt_warmup(self.step + 1, t.warmup_steps))
+            if self.scaler is not None:
+                for opt in (self.optim.dense, self.optim.values):
+                    if opt is not None:
+                        self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                self.optim.step()
+        else:
+            self.nonfinite += 1
+            self.log.message(f"step {self.step + 1}: non-finite loss {loss} or grad norm {norms}: update skipped "
+                             f"({self.nonfinite} in a row, limit train.max_nonfinite={t.max_nonfinite})")
+            if self.nonfinite >= t.max_nonfinite:
+                raise TrainingError(
+                    f"{self.nonfinite} non-finite losses in a row at step {self.step + 1}: the run diverged. "
+                    "Resume from the last checkpoint with a lower train.lr, a longer train.warmup_steps, "
+                    "a smaller train.grad_clip, or train.precision=bf16/fp32")
+        self.optim.zero_grad()
+        self.step += 1
+        return loss, norms, stop
+
+    # ---- validation ----------------------------------------------------------------------------------------
+
+    def _validate(self) -> tuple[float, dict[str, dict]]:
+        """Validation mean NLL, and memory usage/KL measured on the validation tokens."""
+        memories = [m for _, m in self.model.memories()]
+        for m in memories:
+            m.track_usage(True)
+            m.reset_usage()
+        loss = evaluate_loss(self.model, self.valid_data, batch_size=self.micro_rows, bptt=self.config.data.bptt,
+                             max_batches=self.config.train.eval_batches, precision=self.config.train.precision)
+        stats = memory_metrics(self.model)
+        for m in memories:
+            m.track_usage(False)
+        return loss, stats
+
+    def _log_validation(self, loss: float, stats: dict[str, dict]) -> None:
+        values = {"valid/loss": loss, "valid/ppl": _ppl(loss)}
+        for name, s in stats.items():
+            values[f"memory/{name}/usage"] = s["usage"]
+            values[f"memory/{name}/kl"] = s["kl_counts"]
+        self.log.scalars(self.step, values)
+        usage = ", ".join(f"{name} usage {s['usage']:.1%} KL {s['kl_counts']:.3f}" for name, s in stats.items())
+        self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {_ppl(loss):.2f}" + (f"; {usage}" if usage else ""))
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def run(self, resume) -> TrainResult:
+        t = self.config.train
+        resumed_from = self._resume(resume)
+        self.log = RunLogger(self.out_dir, enabled=self.env.is_main, total_steps=t.max_steps,
+                             initial_step=self.step)
+        try:
+            if resumed_from is not None:
+                self.log.message(f"resumed from {resumed_from} at step {self.step}")
+            if self.env.is_main:
+                _write_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
+            ddp_model = D.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
+                                     sync_batchnorm=t.sync_batchnorm)
+            return self._loop(ddp_model)
+        finally:
+            self.log.close()
+
+    def _loop(self, ddp_model: nn.Module) -> TrainResult:
+        t = self.config.train
+        result = TrainResult(step=self.step, model=self.model)
+        preemption = D.PreemptionHandler().install()
+        tokens_per_step = self.config.data.batch_size * self.config.data.bptt
+        window_loss, window_start, window_time = 0.0, self.step, time.perf_counter()
+        self.model.train()
+        try:
+            while self.step < t.max_steps:
+                loss, norms, stop = self._train_step(ddp_model, preemption.requested)
+                result.losses[self.step] = loss
+                window_loss += loss if math.isfinite(loss) else 0.0
+                lr = self.optim.dense.param_groups[0]["lr"]
+                postfix = {}
+                if self.step % t.log_every == 0:
+                    elapsed = time.perf_counter() - window_time
+                    steps = self.step - window_start
+                    mean = window_loss / steps
+                    values = {"train/loss": mean, "train/ppl": _ppl(mean), "lr/dense": lr,
+                              "tokens_per_s": steps * tokens_per_step / elapsed}
+                    if self.optim.values is not None:
+                        values["lr/values"] = self.optim.values.param_groups[0]["lr"]
+                    values.update({f"grad_norm/{name}": n for name, n in norms.items()})
+                    self.log.scalars(self.step, values)
+                    postfix = dict(loss=mean, ppl=_ppl(mean), lr=lr, tok_s=values["tokens_per_s"])
+                    window_loss, window_start, window_time = 0.0, self.step, time.perf_counter()
+                self.log.step(**postfix)
+                done = self.step == t.max_steps
+                if self.step % t.eval_every == 0 or done:
+                    result.valid_loss, result.memory = self._validate()
+                    self._log_validation(result.valid_loss, result.memory)
+                if self.step % t.checkpoint_every == 0 or done or stop:
+                    self._save()
+                if stop:
+                    result.preempted = True
+                    self.log.message(f"step {self.step}: stopping on signal {preemption.signal} (or a peer's)")
+                    if self.env.is_main and D.requeue_slurm_job():
+                        self.log.message("asked Slurm to requeue this job")
+                    break
+        finally:
+            preemption.uninstall()
+        result.step = self.step
+        return result
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
