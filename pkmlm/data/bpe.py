@@ -25,7 +25,11 @@ META = "tokenizer.json"
 
 
 class Tokenizer:
-    """Maps Moses-tokenized text to ids and back. `pieces[i]` is the string of id i."""
+    """Maps Moses-tokenized text to ids and back. `pieces[i]` is the string of id i.
+
+    sentencepiece falls back to bytes for characters it never saw, so every text round-trips;
+    fastBPE (like the original release) maps such characters to <unk>.
+    """
 
     backend: str
     files: dict[str, str]
@@ -81,6 +85,9 @@ class SentencePieceTokenizer(Tokenizer):
                 input=str(text_file), model_prefix=str(directory / "spm"), model_type="bpe",
                 vocab_size=vocab_size, character_coverage=1.0, unk_id=UNK_ID, eos_id=EOS_ID,
                 bos_id=-1, pad_id=-1,
+                # Characters never seen in training become their UTF-8 bytes, not <unk>: every
+                # text survives encode/decode. Costs 256 ids.
+                byte_fallback=True,
                 # Identity normalisation: Moses already normalised, and decoding stays exact.
                 normalization_rule_name="identity", max_sentence_length=1 << 16,
                 # Large corpora: learn from a random sample of lines rather than all of them.
@@ -88,7 +95,8 @@ class SentencePieceTokenizer(Tokenizer):
                 num_threads=os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as e:
             raise DataError(f"sentencepiece could not learn {vocab_size} pieces from {text_file} "
-                            f"({e}): lower --vocab-size or give more text") from e
+                            f"({e}): use a --vocab-size between 256 + the number of distinct "
+                            f"characters and what the text supports, or give more text") from e
         (directory / "spm.vocab").unlink(missing_ok=True)  # a readable copy of the model; unused
         return cls(directory)
 
