@@ -8,6 +8,7 @@ Both read Moses-tokenized text (paragraphs on separate lines) and use the same s
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -114,17 +115,21 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 @contextmanager
-def _stdout_silenced():
-    """fastBPE's module prints its loading progress from C++ straight to file descriptor 1."""
+def _silenced():
+    """fastBPE's module prints its loading progress from C++ straight to file descriptors 1 and 2."""
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
         yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        ctypes.CDLL(None).fflush(None)  # flush C stdio buffers now, or the text appears later
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def fast_binary() -> str:
@@ -151,7 +156,7 @@ class FastBPETokenizer(Tokenizer):
         directory = Path(directory)
         vocab = [line.split(" ")[0] for line in (directory / "vocab").read_text().splitlines() if line]
         super().__init__(directory, ["<unk>", "</s>", *vocab])
-        with _stdout_silenced():
+        with _silenced():
             self.bpe = fastBPE.fastBPE(str(directory / "codes"), str(directory / "vocab"))
         self.ids = {piece: i for i, piece in enumerate(self.pieces)}
 
