@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean fastbpe data
 
 setup:
 	@VENV=$(VENV) scripts/setup_env.sh
@@ -18,3 +18,11 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# fastBPE (optional BPE backend; about 25 s to build). Its tests skip, saying so, without it.
+fastbpe: setup
+	@VENV=$(VENV) scripts/install_fastbpe.sh
+
+# The default corpus, BBC News, prepared into data/bbc_news.
+data: setup
+	@VENV=$(VENV) scripts/prepare_data.sh
