@@ -97,9 +97,10 @@ def test_prepare_end_to_end(tmp_path, articles, backend):
     for i, text in enumerate(articles[:40] + articles[:3]):  # 3 duplicates
         (inp / f"{i:03d}.txt").write_text(text)
     (inp / "bad.txt").write_bytes(b"Broken \xff byte here.\n")
+    (inp / "ctrl.txt").write_bytes(b"\x00\x01\n")  # nothing left after Moses: dropped as empty
     report = prepare(tmp_path / "out", inputs=[inp], bpe=backend, vocab_size=400, valid="5", test="0.1",
                      max_shard_tokens=2000, workers=2, progress=False)
-    assert (report["documents"], report["duplicates"], report["replaced_bytes"]) == (41, 3, 1)
+    assert (report["documents"], report["duplicates"], report["empty"], report["replaced_bytes"]) == (41, 3, 1, 1)
     tok = load_tokenizer(tmp_path / "out" / "tokenizer")
     splits = {name: open_split(tmp_path / "out" / name, expected_vocab_hash=tok.vocab_hash,
                                verify_checksums=True) for name in ("train", "valid", "test")}

@@ -102,6 +102,9 @@ def prepare(out, *, inputs=None, corpus: str | None = None, split: str = "file",
         num_documents = 0
         with open(tokenized, "w", encoding="utf-8") as f:
             for text in tokenize_all(texts, workers=workers, progress=progress, total=max_documents):
+                if not text:  # e.g. only control characters: nothing left after Moses
+                    stats["empty"] += 1
+                    continue
                 f.write(text + "\n\n")
                 num_documents += 1
         seen.clear()
