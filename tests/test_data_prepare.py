@@ -137,3 +137,5 @@ def test_prepare_cli_errors_and_bbc_subset(tmp_path, capsys):
     assert main(["--corpus", "bbc_news", "--max-documents", "4", "--valid", "2", "--test", "2",
                  "--out", str(tmp_path / "x")]) == 1
     assert "leave no training documents" in capsys.readouterr().err
+    assert main(["--corpus", "bbc_news", "--vocab-size", "2", "--out", str(tmp_path / "x")]) == 1
+    assert "--vocab-size (2) must be at least 3" in capsys.readouterr().err

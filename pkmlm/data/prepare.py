@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from pkmlm.data import DataError
-from pkmlm.data.bpe import BACKENDS, learn_tokenizer
+from pkmlm.data.bpe import BACKENDS, fast_binary, learn_tokenizer
 from pkmlm.data.corpora import CORPORA, SPLIT_MODES, read_documents
 from pkmlm.data.shards import DEFAULT_MAX_SHARD_TOKENS, write_split
 from pkmlm.data.tokenize import detokenize, tokenize_all
@@ -70,6 +70,14 @@ def prepare(out, *, inputs=None, corpus: str | None = None, split: str = "file",
         raise DataError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"--max-documents must be positive, got {max_documents}")
+    # Fail before the slow tokenization, not after it.
+    if bpe not in BACKENDS:
+        raise DataError(f"unknown BPE backend {bpe!r}: use one of {', '.join(BACKENDS)}")
+    if bpe == "fastbpe":
+        fast_binary()
+    if vocab_size < 3 or max_shard_tokens < 1:
+        raise DataError(f"--vocab-size ({vocab_size}) must be at least 3 and --max-shard-tokens "
+                        f"({max_shard_tokens}) positive")
     out = Path(out)
     work = out / f".work-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
@@ -185,10 +193,10 @@ def main(argv=None) -> int:
                                                         "fraction (0.05)")
     parser.add_argument("--test", default="0.05", help="like --valid")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document split")
-    parser.add_argument("--max-documents", type=int, help="keep only the first N unique documents")
+    parser.add_argument("--max-documents", type=int, help="keep only the first N unique documents; None = all")
     parser.add_argument("--max-shard-tokens", type=int, default=DEFAULT_MAX_SHARD_TOKENS,
                         help="tokens per .bin shard at most")
-    parser.add_argument("--workers", type=int, help="tokenizer processes (default: all CPU cores)")
+    parser.add_argument("--workers", type=int, help="Moses tokenizer processes; None = all CPU cores")
     args = parser.parse_args(argv)
     try:
         report = prepare(args.out, inputs=args.input, corpus=args.corpus, split=args.split_documents,
