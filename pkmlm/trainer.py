@@ -294,61 +294,62 @@ class Trainer:
 
     def run(self, resume) -> TrainResult:
         t = self.config.train
-        resumed_from = self._resume(resume)
-        self.log = RunLogger(self.out_dir, enabled=self.env.is_main, total_steps=t.max_steps,
-                             initial_step=self.step)
+        # Installed first, so that a signal arriving during set-up still ends in a clean stop.
+        preemption = D.PreemptionHandler().install()
         try:
-            if resumed_from is not None:
-                self.log.message(f"resumed from {resumed_from} at step {self.step}")
-            if self.env.is_main:
-                _write_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
-            ddp_model = D.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
-                                     sync_batchnorm=t.sync_batchnorm)
-            return self._loop(ddp_model)
+            resumed_from = self._resume(resume)
+            self.log = RunLogger(self.out_dir, enabled=self.env.is_main, total_steps=t.max_steps,
+                                 initial_step=self.step)
+            try:
+                if resumed_from is not None:
+                    self.log.message(f"resumed from {resumed_from} at step {self.step}")
+                if self.env.is_main:
+                    _write_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
+                ddp_model = D.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
+                                         sync_batchnorm=t.sync_batchnorm)
+                return self._loop(ddp_model, preemption)
+            finally:
+                self.log.close()
         finally:
-            self.log.close()
+            preemption.uninstall()
 
-    def _loop(self, ddp_model: nn.Module) -> TrainResult:
+    def _loop(self, ddp_model: nn.Module, preemption: D.PreemptionHandler) -> TrainResult:
         t = self.config.train
         result = TrainResult(step=self.step, model=self.model)
-        preemption = D.PreemptionHandler().install()
         tokens_per_step = self.config.data.batch_size * self.config.data.bptt
         window_loss, window_start, window_time = 0.0, self.step, time.perf_counter()
         self.model.train()
-        try:
-            while self.step < t.max_steps:
-                loss, norms, stop = self._train_step(ddp_model, preemption.requested)
-                result.losses[self.step] = loss
-                window_loss += loss if math.isfinite(loss) else 0.0
-                lr = self.optim.dense.param_groups[0]["lr"]
-                postfix = {}
-                if self.step % t.log_every == 0:
-                    elapsed = time.perf_counter() - window_time
-                    steps = self.step - window_start
-                    mean = window_loss / steps
-                    values = {"train/loss": mean, "train/ppl": _ppl(mean), "lr/dense": lr,
-                              "tokens_per_s": steps * tokens_per_step / elapsed}
-                    if self.optim.values is not None:
-                        values["lr/values"] = self.optim.values.param_groups[0]["lr"]
-                    values.update({f"grad_norm/{name}": n for name, n in norms.items()})
-                    self.log.scalars(self.step, values)
-                    postfix = dict(loss=mean, ppl=_ppl(mean), lr=lr, tok_s=values["tokens_per_s"])
-                    window_loss, window_start, window_time = 0.0, self.step, time.perf_counter()
-                self.log.step(**postfix)
-                done = self.step == t.max_steps
-                if self.step % t.eval_every == 0 or done:
-                    result.valid_loss, result.memory = self._validate()
-                    self._log_validation(result.valid_loss, result.memory)
-                if self.step % t.checkpoint_every == 0 or done or stop:
-                    self._save()
-                if stop:
-                    result.preempted = True
-                    self.log.message(f"step {self.step}: stopping on signal {preemption.signal} (or a peer's)")
-                    if self.env.is_main and D.requeue_slurm_job():
-                        self.log.message("asked Slurm to requeue this job")
-                    break
-        finally:
-            preemption.uninstall()
+        while self.step < t.max_steps:
+            loss, norms, stop = self._train_step(ddp_model, preemption.requested)
+            result.losses[self.step] = loss
+            window_loss += loss if math.isfinite(loss) else 0.0
+            lr = self.optim.dense.param_groups[0]["lr"]
+            postfix = {}
+            if self.step % t.log_every == 0:
+                elapsed = time.perf_counter() - window_time
+                steps = self.step - window_start
+                mean = window_loss / steps
+                values = {"train/loss": mean, "train/ppl": _ppl(mean), "lr/dense": lr,
+                          "tokens_per_s": steps * tokens_per_step / elapsed}
+                if self.optim.values is not None:
+                    values["lr/values"] = self.optim.values.param_groups[0]["lr"]
+                values.update({f"grad_norm/{name}": n for name, n in norms.items()})
+                self.log.scalars(self.step, values)
+                postfix = dict(loss=mean, ppl=_ppl(mean), lr=lr, tok_s=values["tokens_per_s"])
+                window_loss, window_start, window_time = 0.0, self.step, time.perf_counter()
+            self.log.step(**postfix)
+            done = self.step == t.max_steps
+            if self.step % t.eval_every == 0 or done:
+                result.valid_loss, result.memory = self._validate()
+                self._log_validation(result.valid_loss, result.memory)
+            if self.step % t.checkpoint_every == 0 or done or stop:
+                self._save()
+            if stop:
+                result.preempted = True
+                self.log.message(f"step {self.step}: stopping on signal {preemption.signal} (or a peer's)")
+                if self.env.is_main and D.requeue_slurm_job():
+                    self.log.message("asked Slurm to requeue this job")
+                break
         result.step = self.step
         return result
 

@@ -1,0 +1,53 @@
+"""Train a language model with product-key memory layers.
+
+    python train.py --config configs/tiny_pkm.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
+    torchrun --nproc_per_node=8 train.py --config configs/12L_pkm.yaml data.dir=data/wiki
+    srun python train.py --config configs/12L_pkm.yaml --resume     (see scripts/slurm/train.sbatch)
+
+Exit status: 0 done, 2 bad config/data/checkpoint (one line on stderr), 75 stopped by SIGUSR1/SIGTERM after
+checkpointing (rerun with --resume to continue).
+"""
+
+import argparse
+import math
+import os
+import sys
+
+from pkmlm.checkpoint import CheckpointError
+from pkmlm.config import ConfigError, load_config
+from pkmlm.data import DataError
+from pkmlm.distributed import PREEMPTED_EXIT_CODE, DistributedError, detect_env
+from pkmlm.trainer import TrainingError, train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny_pkm.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from CHECKPOINT, or without a path from the newest one in train.out_dir "
+                             "(a fresh start when there is none, so a requeued job can always pass --resume)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume key=value`: argparse gave the override to --resume; it was meant as a plain --resume.
+        args.overrides.append(args.resume)
+        args.resume = "latest"
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(config.to_yaml(), end="")
+            return 0
+        result = train(config, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError, DistributedError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if detect_env().is_main and result.valid_loss is not None:
+        print(f"step {result.step}: valid loss {result.valid_loss:.4f}, perplexity {math.exp(result.valid_loss):.2f}")
+        for name, stats in result.memory.items():
+            print(f"  {name}: memory usage {stats['usage']:.1%}, KL from uniform {stats['kl_counts']:.3f}")
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
