@@ -131,6 +131,9 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
     """
     if env.world_size == 1:
         return model
+    if sync_batchnorm and device.type != "cuda":
+        raise DistributedError("train.sync_batchnorm=true needs CUDA devices (torch syncs BatchNorm on GPUs "
+                               "only); set it to false on the CPU")
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sparse_ids = {id(p) for p in sparse_params}

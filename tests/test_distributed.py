@@ -70,6 +70,13 @@ def test_resolve_device():
             D.resolve_device("cuda", D.DistEnv())
 
 
+def test_sync_batchnorm_on_cpu_is_a_clear_error():
+    model = torch.nn.BatchNorm1d(4)
+    assert D.wrap_model(model, D.DistEnv(), torch.device("cpu"), sparse_params=[], sync_batchnorm=True) is model
+    with pytest.raises(D.DistributedError, match="sync_batchnorm=true needs CUDA"):
+        D.wrap_model(model, D.DistEnv(0, 2), torch.device("cpu"), sparse_params=[], sync_batchnorm=True)
+
+
 def test_preemption_signals_set_flag_and_requeue(tmp_path, monkeypatch):
     handler = D.PreemptionHandler().install()
     try:
