@@ -1,0 +1,139 @@
+"""Evaluate checkpoints: exact perplexity per split, inference speed, and memory-usage metrics.
+
+    row = evaluate_checkpoint("runs/tiny_pkm", splits=["valid", "test"])   # one dict per model
+
+The loss is the trainer's own ``evaluate_loss`` (every token once, token-weighted, summed over ranks), so a row's
+validation perplexity is the one the training loop logged at the same checkpoint. Memory metrics are streamed into
+each layer's usage histograms (no per-token storage), all-reduced over ranks, then turned into
+``pkmlm.metrics.MemoryStats``. Every rank must call ``evaluate_checkpoint``; the rows are the same on all of them.
+Row keys are documented in docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from pkmlm import checkpoint as ckpt
+from pkmlm import distributed as D
+from pkmlm.config import Config
+from pkmlm.data.shards import open_split
+from pkmlm.metrics import memory_stats, per_head_stats
+from pkmlm.model import TransformerLM
+from pkmlm.trainer import evaluate_loss
+
+
+class EvaluationError(Exception):
+    """Bad evaluation input: no checkpoint in a run directory, a checkpoint that does not fit its config."""
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        latest = ckpt.latest_checkpoint(path)
+        if latest is None:
+            raise EvaluationError(f"{path} is a directory without checkpoints ({ckpt.checkpoint_dir(path)}/step_*.pt): "
+                                  "pass a run directory that has trained, or a checkpoint file")
+        return latest
+    if not path.exists():
+        raise EvaluationError(f"{path} does not exist: pass a checkpoint file or a run directory")
+    return path
+
+
+def load_model(state: dict, path: Path, device: torch.device) -> TransformerLM:
+    """The model of checkpoint dict ``state`` (read from ``path``, named in errors), in eval mode on ``device``."""
+    config = Config.from_dict(state["config"], source=f"{path} (saved config)")
+    saved_vocab = state["model"].get("tok_emb.weight")
+    if saved_vocab is None:
+        raise EvaluationError(f"{path} holds no token embedding (tok_emb.weight): not a TransformerLM checkpoint")
+    model = TransformerLM(config, saved_vocab.shape[0])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise EvaluationError(f"{path}: its weights do not fit its saved config ({first})") from None
+    return model.to(device).eval()
+
+
+def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir: str | None = None,
+                        batch_size: int = 0, per_head: bool = False, device: torch.device | None = None) -> dict:
+    """One table row for the checkpoint (or newest checkpoint of the run directory) ``path``.
+
+    splits: split names under the data directory (``data_dir``, default the saved ``data.dir``); memory metrics
+    are measured on the first. batch_size: rows (B, bptt) per forward on each rank (0: the training loop's
+    validation batch). Keys: docs/evaluation.md.
+    """
+    if not splits:
+        raise EvaluationError("no split to evaluate: pass --split valid,test")
+    device = device or torch.device("cpu")
+    path = find_checkpoint(path)
+    state = ckpt.load_checkpoint(path)
+    config = Config.from_dict(state["config"], source=f"{path} (saved config)")
+    root = Path(data_dir or config.data.dir)
+    # Every split is opened (and its vocabulary checked) before any forward, so bad input fails fast.
+    corpora = {s: open_split(root / s, expected_vocab_hash=state["vocab_hash"]) for s in splits}
+    model = load_model(state, path, device)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if batch_size < 0:
+        raise EvaluationError(f"batch size must be >= 0 (0: the training loop's), got {batch_size}")
+    rows_per_batch = batch_size or max(1, config.data.batch_size // (world * config.train.grad_accum))
+
+    counts = model.num_parameters()
+    row = {"name": _run_name(path), "checkpoint": str(path), "step": state["step"],
+           "params_total": counts["total"], "params_memory_values": counts["memory_values"],
+           "params_active": counts["active_per_token"]}
+    memories = model.memories()
+    tokens, seconds = 0, 0.0
+    for i, (split, corpus) in enumerate(corpora.items()):
+        track = i == 0  # histograms from the first split only; tracking costs a little speed everywhere alike
+        for _, m in memories:
+            m.track_usage(track)
+            if track:
+                m.reset_usage()
+        _sync(device)
+        start = time.perf_counter()
+        loss = evaluate_loss(model, corpus, batch_size=rows_per_batch, bptt=config.data.bptt,
+                             precision=config.train.precision)
+        _sync(device)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+        # Ranks run in parallel: the split took as long as the slowest rank.
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        tokens, seconds = tokens + corpus.num_tokens, seconds + elapsed.item()
+        row[f"{split}_loss"] = loss
+        row[f"{split}_ppl"] = math.exp(loss)
+        if track:
+            row["memory_split"] = split
+            row.update(_memory_columns(memories, per_head))
+    for _, m in memories:
+        m.track_usage(False)
+    row["tokens_per_s"] = tokens / seconds if seconds > 0 else math.inf
+    return row
+
+
+def _memory_columns(memories, per_head: bool) -> dict:
+    """Flat ``"{memory}/{metric}"`` (and ``"{memory}/head{h}/{metric}"``) columns from all-reduced histograms."""
+    out = {}
+    for name, m in memories:
+        hist = m.usage()
+        counts, weights = D.all_reduce_sum(hist["counts"]), D.all_reduce_sum(hist["weights"])
+        out.update({f"{name}/{k}": v for k, v in memory_stats(counts, weights).to_dict().items()})
+        if per_head:
+            for h, stats in enumerate(per_head_stats(counts, weights)):
+                out.update({f"{name}/head{h}/{k}": v for k, v in stats.to_dict().items()})
+    return out
+
+
+def _run_name(path: Path) -> str:
+    # runs/NAME/checkpoints/step_X.pt -> NAME; a loose checkpoint file is named by its stem.
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
