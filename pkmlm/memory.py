@@ -193,6 +193,41 @@ class ProductKeyMemory(nn.Module):
         """The value table's weight: the parameter `pkmlm.optim` gives to the sparse row optimizer."""
         return [self.values.weight]
 
+    @torch.no_grad()
+    def reinit_slots(self, slots: Tensor, generator: torch.Generator | None = None) -> None:
+        """Redraw the value rows `slots` (LongTensor (S,)) from the table's init, N(0, v_dim**-0.5).
+
+        Values are drawn on the CPU from `generator`, so equal seeds give equal rows on every device and rank.
+        """
+        rows = self._check_ids(slots, self.n_keys**2, "slots")
+        fresh = torch.randn(rows.numel(), self.v_dim, generator=generator, dtype=torch.float32) * self.v_dim**-0.5
+        w = self.values.weight
+        w.index_copy_(0, rows.to(w.device), fresh.to(device=w.device, dtype=w.dtype))
+
+    @torch.no_grad()
+    def reinit_subkeys(self, mask: Tensor, generator: torch.Generator | None = None) -> None:
+        """Redraw the sub-keys where `mask` (heads, 2, n_keys) bool is True from their init, U(+-half**-0.5).
+
+        Drawn on the CPU from `generator` (see `reinit_slots`).
+        """
+        if mask.dtype != torch.bool or mask.shape != self.keys.shape[:3]:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(self.keys.shape[:3])} "
+                             f"(heads, 2, n_keys), got {mask.dtype} {tuple(mask.shape)}")
+        half = self.k_dim // 2
+        mask = mask.cpu()
+        fresh = torch.rand(int(mask.sum()), half, generator=generator, dtype=torch.float32)
+        fresh = (fresh * 2 - 1) * half**-0.5
+        keys = self.keys.data
+        keys[mask.to(keys.device)] = fresh.to(device=keys.device, dtype=keys.dtype)
+
+    @staticmethod
+    def _check_ids(ids: Tensor, size: int, name: str) -> Tensor:
+        if ids.dim() != 1 or ids.dtype != torch.long:
+            raise ValueError(f"{name} must be a 1-D LongTensor, got {ids.dtype} {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+            raise ValueError(f"{name} must lie in [0, {size}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        return ids
+
     def track_usage(self, enabled: bool = True) -> None:
         """Start (zeroed histograms) or stop accumulating slot usage in forward."""
         if not enabled:
