@@ -53,6 +53,8 @@ class MemoryConfig:
     query_dropout: float = 0.0
     value_dropout: float = 0.0
     share_values: bool = False
+    reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/reinit.py
+    reinit_min_count: int = 1  # a slot read fewer times than this in the window is dead
 
     def placements(self) -> list[tuple[int, str]]:
         """`positions` parsed to (layer, placement) pairs, in the order given. Assumes a validated config."""
@@ -324,6 +326,10 @@ def _problems(c: Config):
         yield from at_least("memory.v_dim", mem.v_dim, 1)
     for name in ("input_dropout", "query_dropout", "value_dropout"):
         yield from probability(f"memory.{name}", getattr(mem, name))
+    yield from at_least("memory.reinit_every", mem.reinit_every, 0)
+    yield from at_least("memory.reinit_min_count", mem.reinit_min_count, 1)
+    if mem.reinit_every > 0 and not mem.positions:
+        yield "memory.reinit_every", f"{mem.reinit_every} but the model has no memory (memory.positions is empty)"
 
     if not d.dir:
         yield "data.dir", "empty (give the prepared data directory)"

@@ -1,0 +1,138 @@
+"""Dead-slot re-initialisation: config keys, the layer's reinit methods, DeadSlotReinit's choice and its resets."""
+
+import pytest
+import torch
+
+from pkmlm.config import Config, ConfigError
+from pkmlm.memory import ProductKeyMemory
+from pkmlm.model import TransformerLM
+from pkmlm.optim import make_optimizers
+from pkmlm.reinit import DeadSlotReinit
+
+VOCAB = 32
+
+
+def _config(**memory) -> Config:
+    return Config.from_dict({
+        "model": {"n_layers": 2, "d_model": 16, "n_heads": 2, "dropout": 0.0, "max_seq_len": 8},
+        "memory": {"positions": ["0:parallel", "1:after"], "n_keys": 8, "heads": 2, "knn": 2, "k_dim": 8,
+                   "reinit_every": 2, **memory},
+        "data": {"dir": "unused", "batch_size": 2, "bptt": 8},
+        "train": {"max_steps": 1},
+    })
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("reinit_every", -1, "must be >= 0"),
+    ("reinit_min_count", 0, "must be >= 1"),
+    ("positions", [], "no memory"),
+])
+def test_config_rejects_bad_reinit_values(key, value, message):
+    with pytest.raises(ConfigError, match=f"memory.(reinit_every|{key}).*{message}"):
+        _config(**{key: value})
+
+
+def test_layer_reinit_methods_touch_only_the_given_rows_and_check_input():
+    m = ProductKeyMemory(8, 8, n_keys=4, heads=2, knn=2, k_dim=4)
+    values, keys = m.values.weight.detach().clone(), m.keys.detach().clone()
+    m.reinit_slots(torch.tensor([1, 5]), torch.Generator().manual_seed(0))
+    assert (m.values.weight != values).any(1).nonzero().flatten().tolist() == [1, 5]
+    mask = torch.zeros(2, 2, 4, dtype=torch.bool)
+    mask[1, 0, 2] = True
+    m.reinit_subkeys(mask, torch.Generator().manual_seed(0))
+    assert (m.keys != keys).any(-1).nonzero().tolist() == [[1, 0, 2]]
+    assert m.keys.abs().max() <= 2**-0.5  # U(+-half**-0.5), half = 2
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 16\)"):
+        m.reinit_slots(torch.tensor([16]))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(2, 2, 4\)"):
+        m.reinit_subkeys(torch.ones(2, 4, dtype=torch.bool))
+
+
+def _trained(seed: int = 0, steps: int = 2, share_values: bool = False):
+    """A model trained ``steps`` steps with the window observed: (model, optimizers, policy, window counts)."""
+    torch.manual_seed(0)
+    config = _config(share_values=share_values)
+    model = TransformerLM(config, VOCAB)
+    optim = make_optimizers(model, lr=1e-2, value_lr=1e-2)
+    policy = DeadSlotReinit(model, optim, every=2, min_count=1, seed=seed)
+    data = torch.Generator().manual_seed(1)
+    slot_counts = {name: 0 for name, _ in model.memories()}
+    subkey_counts = {name: 0 for name, _ in model.memories()}
+    for _ in range(steps):
+        idx = torch.randint(0, VOCAB, (1, 4), generator=data)  # few reads: dead slots and sub-keys
+        model(idx).logsumexp(-1).mean().backward()
+        optim.step()
+        optim.zero_grad()
+        for name, m in model.memories():  # the window, read independently of the policy
+            slot_counts[name] = slot_counts[name] + m.usage()["counts"].sum(0)
+            subkey_counts[name] = subkey_counts[name] + m.usage()["subkey_counts"]
+        policy.observe()
+    return model, optim, policy, slot_counts, subkey_counts
+
+
+def _snapshot(model, optim):
+    keys = {name: m.keys.detach().clone() for name, m in model.memories()}
+    key_moments = {name: optim.dense.state[m.keys]["exp_avg_sq"].clone() for name, m in model.memories()}
+    values = {name: m.values.weight.detach().clone() for name, m in model.memories()}
+    value_state = {name: {k: v.clone() for k, v in optim.values.state[m.values.weight].items()}
+                   for name, m in model.memories()}
+    dense = {n: p.detach().clone() for n, p in model.named_parameters() if "keys" not in n and "values" not in n}
+    return keys, key_moments, values, value_state, dense
+
+
+def test_reinit_touches_only_unused_slots_subkeys_and_their_optimizer_state():
+    model, optim, policy, slot_counts, subkey_counts = _trained()
+    keys, key_moments, values, value_state, dense = _snapshot(model, optim)
+    assert policy.maybe_reinit(1) is None  # not a reinit step: nothing happens
+    report = policy.maybe_reinit(2)
+    for name, m in model.memories():
+        dead = slot_counts[name] == 0
+        assert 0 < dead.sum() < dead.numel()  # the test needs both kinds
+        changed_rows = (m.values.weight != values[name]).any(1)
+        assert torch.equal(changed_rows, dead), name
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            after = optim.values.state[m.values.weight][k]
+            assert (after[dead] == 0).all() and torch.equal(after[~dead], value_state[name][k][~dead]), k
+        dead_keys = subkey_counts[name] == 0  # (heads, 2, n_keys)
+        assert dead_keys.any() and not dead_keys.all()
+        assert torch.equal((m.keys != keys[name]).any(-1), dead_keys)
+        moments = optim.dense.state[m.keys]["exp_avg_sq"]
+        assert (moments[dead_keys] == 0).all() and torch.equal(moments[~dead_keys], key_moments[name][~dead_keys])
+        assert report[name]["dead_slots"] == int(dead.sum())
+        assert report[name]["usage"] == pytest.approx(1 - dead.double().mean().item())
+        assert report[name]["dead_subkeys"] == int(dead_keys.sum())
+    for n, p in model.named_parameters():  # everything else is untouched
+        if n in dense:
+            assert torch.equal(p, dense[n]), n
+    # A new window starts: the next decision sees only what is read after this one.
+    assert all(not c.any() for c in policy.slot_counts.values())
+
+
+def test_reinit_is_deterministic_and_seeded():
+    runs = [_trained(seed=s)[:3] for s in (0, 0, 1)]
+    for _, _, policy in runs:
+        policy.maybe_reinit(2)
+    (a, _, _), (b, _, _), (c, _, _) = runs
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, r) for (n, p), r in zip(a.named_parameters(), c.parameters()) if "values" in n)
+
+
+def test_shared_table_slot_is_dead_only_when_no_sharer_read_it():
+    model, optim, policy, slot_counts, _ = _trained(share_values=True)
+    (first, m), _ = model.memories()
+    values = m.values.weight.detach().clone()
+    report = policy.maybe_reinit(2)
+    assert list(report) == [first]  # one decision for the one table
+    dead = sum(slot_counts.values()) == 0
+    assert torch.equal((m.values.weight != values).any(1), dead)
+
+
+def test_window_survives_a_checkpoint_round_trip():
+    model, optim, policy, _, _ = _trained()
+    state = policy.state_dict()
+    fresh = DeadSlotReinit(model, optim, every=2, min_count=1, seed=0)
+    fresh.load_state_dict(state)
+    for name, counts in policy.slot_counts.items():
+        assert torch.equal(fresh.slot_counts[name], counts)
+        assert torch.equal(fresh.subkey_counts[name], policy.subkey_counts[name])
