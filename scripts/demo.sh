@@ -1,5 +1,16 @@
 #!/usr/bin/env bash
+# `make demo`: prepare the BBC News corpus (once), train configs/tiny_pkm.yaml on the CPU for a few minutes,
+# print its validation perplexity and memory usage. Runs after `make setup`. Rerunning continues the same
+# run (--resume) and reports on it; extra arguments are config overrides, e.g. train.max_steps=600.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "demo: not yet available" >&2
-exit 1
+PY=${VENV:-.venv}/bin/python
+DATA=data/bbc_news
+
+if [ ! -f "$DATA/valid/manifest.json" ]; then
+    echo "== preparing $DATA (Moses tokenization + sentencepiece BPE; once)"
+    "$PY" -m pkmlm.data.prepare --corpus bbc_news --out "$DATA"
+fi
+
+echo "== training configs/tiny_pkm.yaml on the CPU (TensorBoard: tensorboard --logdir runs/tiny_pkm)"
+"$PY" train.py --config configs/tiny_pkm.yaml data.dir="$DATA" train.device=cpu "$@" --resume
