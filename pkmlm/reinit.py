@@ -27,9 +27,8 @@ from pkmlm.optim import Optimizers
 class DeadSlotReinit:
     """The window's usage histograms and the re-initialisation policy for every memory of ``model``.
 
-    Call ``observe()`` after every training step (it folds the layers' usage accumulators into the window) and
-    ``track()`` whenever something else (validation) has used those accumulators; ``maybe_reinit(step)`` after
-    ``observe()`` acts every ``every`` steps and returns what it did.
+    The trainer calls ``after_step(step)`` after every optimizer step, and ``track()`` whenever something else
+    (validation) has used the layers' usage accumulators.
     """
 
     def __init__(self, model: nn.Module, optim: Optimizers, *, every: int, min_count: int, seed: int):
@@ -51,6 +50,11 @@ class DeadSlotReinit:
                               for name, m in self.memories}
         self.last_reset: dict[str, Tensor] = {}  # table -> slots re-initialised last time (CPU LongTensor)
         self.track()
+
+    def after_step(self, step: int) -> dict[str, dict] | None:
+        """``observe()`` then ``maybe_reinit(step)``: the one call per training step."""
+        self.observe()
+        return self.maybe_reinit(step)
 
     def track(self) -> None:
         """Turn the layers' usage accumulators on and zero them (what the window reads from)."""
