@@ -1,6 +1,7 @@
 """Train a language model with product-key memory layers.
 
     python train.py --config configs/tiny_pkm.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
+    python train.py --config configs/tiny_pkm_parallel.yaml --init-from runs/tiny/checkpoints/step_0000300.pt
     torchrun --nproc_per_node=8 train.py --config configs/12L_pkm.yaml data.dir=data/wiki
     srun python train.py --config configs/12L_pkm.yaml --resume     (see scripts/slurm/train.sbatch)
 
@@ -17,6 +18,7 @@ from pkmlm.checkpoint import CheckpointError
 from pkmlm.config import ConfigError, load_config
 from pkmlm.data import DataError
 from pkmlm.distributed import PREEMPTED_EXIT_CODE, DistributedError, detect_env
+from pkmlm.init_from import InitFromError
 from pkmlm.trainer import TrainingError, train
 
 
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue from CHECKPOINT, or without a path from the newest one in train.out_dir "
                              "(a fresh start when there is none, so a requeued job can always pass --resume)")
+    parser.add_argument("--init-from", metavar="CHECKPOINT",
+                        help="start a fresh run from the matching weights of CHECKPOINT (e.g. a dense model's); "
+                             "new memory parameters keep their initialisation; ignored when resuming")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
@@ -38,8 +43,8 @@ def main(argv=None) -> int:
         if args.print_config:
             print(config.to_yaml(), end="")
             return 0
-        result = train(config, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, DistributedError, TrainingError) as e:
+        result = train(config, resume=args.resume, init_from=args.init_from)
+    except (ConfigError, DataError, CheckpointError, DistributedError, TrainingError, InitFromError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if detect_env().is_main and result.valid_loss is not None:

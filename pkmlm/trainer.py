@@ -27,10 +27,12 @@ from pkmlm import distributed as D
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import TrainStream, eval_batches
+from pkmlm.init_from import init_from_checkpoint
 from pkmlm.log import RunLogger
 from pkmlm.metrics import memory_stats
 from pkmlm.model import TransformerLM
 from pkmlm.optim import Optimizers, inverse_sqrt_warmup, make_optimizers
+from pkmlm.reinit import DeadSlotReinit
 
 
 class TrainingError(Exception):
@@ -117,18 +119,20 @@ def memory_metrics(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def train(config: Config, resume: str | os.PathLike | None = None) -> TrainResult:
+def train(config: Config, resume: str | os.PathLike | None = None,
+          init_from: str | os.PathLike | None = None) -> TrainResult:
     """Run (or continue) training as this process's part of the job; see the module docstring.
 
     resume: None (fresh run; refuses an out_dir that holds checkpoints), "latest" (the newest checkpoint in
     ``train.out_dir``, or a fresh run when there is none: the same command works after a requeue), or a path.
+    init_from: a checkpoint whose matching weights start a fresh run (pkmlm/init_from.py); unused when resuming.
     """
     env = D.detect_env()
     device = D.resolve_device(config.train.device, env)
     config.validate_runtime(world_size=env.world_size, device_type=device.type)
     D.init_process_group(env, device)
     try:
-        return Trainer(config, env, device).run(resume)
+        return Trainer(config, env, device).run(resume, init_from)
     finally:
         D.destroy_process_group()
 
@@ -156,6 +160,10 @@ class Trainer:
         if self.optim.values is not None:
             self.groups["values"] = _params(self.optim.values)
         self.sparse_params = self.groups.get("values", [])
+        mem = config.memory
+        self.reinit = DeadSlotReinit(self.model, self.optim, every=mem.reinit_every, min_count=mem.reinit_min_count,
+                                     seed=t.seed) if mem.reinit_every else None
+        self.init_from: str | None = None  # the checkpoint this run's weights started from; saved in every checkpoint
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         torch.manual_seed(t.seed + env.rank)  # different dropout masks per rank
         self.step = 0
@@ -181,6 +189,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["data"])
+        if self.reinit is not None and state.get("reinit") is not None:
+            self.reinit.load_state_dict(state["reinit"])
+        self.init_from = state.get("init_from")
         self.step = state["step"]
         ranks = state["rng"]["ranks"]
         if len(ranks) == self.env.world_size:
@@ -193,6 +204,7 @@ class Trainer:
 
     def _save(self) -> None:
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
+        reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
         if not self.env.is_main:
             return
         for name, p in self.model.state_dict().items():
@@ -202,7 +214,8 @@ class Trainer:
                  "optimizers": self.optim.state_dict(), "step": self.step, "rng": {"ranks": rng},
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
                  # The lr schedule is a pure function of the step, so it needs no state of its own.
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "reinit": reinit, "init_from": self.init_from}
         path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
         self.log.message(f"step {self.step}: saved {path}")
 
@@ -250,7 +263,6 @@ class Trainer:
                 for opt in (self.optim.dense, self.optim.values):
                     if opt is not None:
                         self.scaler.step(opt)
-                self.scaler.update()
             else:
                 self.optim.step()
         else:
@@ -262,6 +274,8 @@ class Trainer:
                     f"{self.nonfinite} non-finite losses in a row at step {self.step + 1}: the run diverged. "
                     "Resume from the last checkpoint with a lower train.lr, a longer train.warmup_steps, "
                     "a smaller train.grad_clip, or train.precision=bf16/fp32")
+        if self.scaler is not None:
+            self.scaler.update()  # also after a skipped step: it ends the unscale_ of this step
         self.optim.zero_grad()
         self.step += 1
         return loss, norms, stop
@@ -279,6 +293,8 @@ class Trainer:
         stats = memory_metrics(self.model)
         for m in memories:
             m.track_usage(False)
+        if self.reinit is not None:
+            self.reinit.track()  # validation used the accumulators the re-initialisation window reads
         return loss, stats
 
     def _log_validation(self, loss: float, stats: dict[str, dict]) -> None:
@@ -290,9 +306,18 @@ class Trainer:
         usage = ", ".join(f"{name} usage {s['usage']:.1%} KL {s['kl_counts']:.3f}" for name, s in stats.items())
         self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {_ppl(loss):.2f}" + (f"; {usage}" if usage else ""))
 
+    def _log_reinit(self, report: dict[str, dict] | None) -> None:
+        if report is None:
+            return
+        for name, r in report.items():
+            self.log.scalars(self.step, {f"reinit/{name}/{k}": v for k, v in r.items()})
+        self.log.message(f"step {self.step}: dead-slot re-initialisation: " + "; ".join(
+            f"{name} window usage {r['usage']:.1%}, {r['dead_slots']} slots and {r['dead_subkeys']} sub-keys "
+            f"re-initialised, {r['revived']:.1%} of the previous ones revived" for name, r in report.items()))
+
     # ---- the loop -------------------------------------------------------------------------------------------
 
-    def run(self, resume) -> TrainResult:
+    def run(self, resume, init_from=None) -> TrainResult:
         t = self.config.train
         # Installed first, so that a signal arriving during set-up still ends in a clean stop.
         preemption = D.PreemptionHandler().install()
@@ -302,7 +327,13 @@ class Trainer:
                                  initial_step=self.step)
             try:
                 if resumed_from is not None:
-                    self.log.message(f"resumed from {resumed_from} at step {self.step}")
+                    self.log.message(f"resumed from {resumed_from} at step {self.step}"
+                                     + (f" (--init-from {init_from} ignored: the weights come from the checkpoint)"
+                                        if init_from is not None else ""))
+                elif init_from is not None:
+                    report = init_from_checkpoint(self.model, init_from, vocab_hash=self.train_data.vocab_hash)
+                    self.init_from = report.source
+                    self.log.message(report.summary())
                 if self.env.is_main:
                     _write_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
                 ddp_model = D.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
@@ -317,18 +348,21 @@ class Trainer:
         t = self.config.train
         result = TrainResult(step=self.step, model=self.model)
         tokens_per_step = self.config.data.batch_size * self.config.data.bptt
-        window_loss, window_start, window_time = 0.0, self.step, time.perf_counter()
+        window_loss, window_finite, window_start, window_time = 0.0, 0, self.step, time.perf_counter()
         self.model.train()
         while self.step < t.max_steps:
             loss, norms, stop = self._train_step(ddp_model, preemption.requested)
+            if self.reinit is not None:
+                self._log_reinit(self.reinit.after_step(self.step))
             result.losses[self.step] = loss
-            window_loss += loss if math.isfinite(loss) else 0.0
+            if math.isfinite(loss):
+                window_loss, window_finite = window_loss + loss, window_finite + 1
             lr = self.optim.dense.param_groups[0]["lr"]
             postfix = {}
             if self.step % t.log_every == 0:
                 elapsed = time.perf_counter() - window_time
                 steps = self.step - window_start
-                mean = window_loss / steps
+                mean = window_loss / window_finite if window_finite else math.nan
                 values = {"train/loss": mean, "train/ppl": _ppl(mean), "lr/dense": lr,
                           "tokens_per_s": steps * tokens_per_step / elapsed}
                 if self.optim.values is not None:
@@ -336,7 +370,7 @@ class Trainer:
                 values.update({f"grad_norm/{name}": n for name, n in norms.items()})
                 self.log.scalars(self.step, values)
                 postfix = dict(loss=mean, ppl=_ppl(mean), lr=lr, tok_s=values["tokens_per_s"])
-                window_loss, window_start, window_time = 0.0, self.step, time.perf_counter()
+                window_loss, window_finite, window_start, window_time = 0.0, 0, self.step, time.perf_counter()
             self.log.step(**postfix)
             done = self.step == t.max_steps
             if self.step % t.eval_every == 0 or done:
