@@ -181,9 +181,14 @@ class ProductKeyMemory(nn.Module):
         weights = F.softmax(scores.float(), dim=-1)  # (N, heads, knn)
         if self.usage_counts is not None:
             self._accumulate_usage(indices, weights, subkeys)
-        n = indices.shape[0]
-        out = self.values(indices.reshape(n, -1),
-                          per_sample_weights=weights.reshape(n, -1).to(self.values.weight.dtype))
+        n, table = indices.shape[0], self.values.weight
+        indices, weights = indices.reshape(n, -1), weights.reshape(n, -1).to(table.dtype)
+        if self.values.sparse:
+            # The table is read without autograd; _RowSparseGrad gives it its gradient.
+            out = F.embedding_bag(indices, table.detach(), per_sample_weights=weights, mode="sum")
+            out = _RowSparseGrad.apply(out, table, indices, weights)
+        else:
+            out = self.values(indices, per_sample_weights=weights)
         out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
         return self.out_proj(out) if self.out_proj is not None else out
 
@@ -275,6 +280,37 @@ class ProductKeyMemory(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.input_dim}->{self.output_dim}, n_keys={self.n_keys} ({self.n_keys**2} slots), "
                 f"heads={self.heads}, knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}")
+
+
+class _RowSparseGrad(torch.autograd.Function):
+    """Identity on the values read, (N, v_dim); its backward gives the table (rows, v_dim) a sparse
+    gradient holding one summed row per slot read.
+
+    nn.EmbeddingBag(sparse=True) would instead emit one row per read (N * heads * knn rows: 67M floats
+    for 2k tokens at heads=4, knn=32) and leave the summing to the optimizer's coalesce, which costs
+    more than the rest of the step. Here each read slot's row is an embedding bag over grad_out: the
+    tokens that read it, weighted by their softmax weights.
+    """
+
+    @staticmethod
+    def forward(ctx, out, table, indices, weights):
+        # indices, weights: (N, reads per token); table is an input only so that autograd routes
+        # its gradient here.
+        ctx.save_for_backward(indices, weights)
+        ctx.table_shape = table.shape
+        return out.view_as(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        indices, weights = ctx.saved_tensors
+        slots, order = indices.reshape(-1).sort()
+        rows, counts = torch.unique_consecutive(slots, return_counts=True)
+        row_grads = F.embedding_bag(order // indices.shape[1], grad_out, counts.cumsum(0) - counts,
+                                    mode="sum", per_sample_weights=weights.reshape(-1)[order])
+        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, ctx.table_shape,
+                                             is_coalesced=True, check_invariants=False)
+        return grad_out, grad_table, None, None
 
 
 def _check_positive(**sizes) -> None:

@@ -26,8 +26,8 @@ class RowAdam(torch.optim.Optimizer):
     gets a smaller first update.) `reset_state(param, rows)` makes given rows start afresh.
 
     Gradients must be sparse (`nn.EmbeddingBag(..., sparse=True)`); duplicate indices are summed.
-    Per-step cost is O(touched rows * row size); state is two moments of the table's size plus one
-    int64 step count per row.
+    Per-step cost is O(touched rows * row size); state is "moments" (rows, 2, ...) (Adam's first and
+    second moment of each row, side by side) plus "step", one int64 count per row.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-3,
@@ -46,28 +46,26 @@ class RowAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if not p.grad.is_sparse:
-                    raise ValueError("RowAdam needs sparse gradients: build the value table with "
-                                     "sparse=True, or give a dense table to a dense optimizer")
-                grad = p.grad.coalesce()  # sums duplicate rows, so each row is updated once
-                rows, g = grad.indices()[0], grad.values()
+                rows, g = _summed_rows(p.grad)
                 state = self.state[p]
                 if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    # Both moments in one (rows, 2, ...) tensor: one gather and one scatter per step.
+                    state["moments"] = torch.zeros((p.shape[0], 2) + p.shape[1:], dtype=p.dtype, device=p.device)
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                moments = state["moments"].index_select(0, rows)
+                m, v = moments[:, 0], moments[:, 1]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 t = state["step"].index_select(0, rows) + 1
+                state["moments"].index_copy_(0, rows, moments)
+                state["step"].index_copy_(0, rows, t)
+                # torch.optim.Adam's arithmetic with one bias correction per row, in place on the
+                # gathered copies (already stored): no further (rows, ...) temporaries.
                 view = (-1,) + (1,) * (p.dim() - 1)  # broadcast per-row scalars over the row
-                # torch.optim.Adam's arithmetic, with one bias correction per row.
                 step_size = (group["lr"] / (1 - beta1 ** t.to(p.dtype))).view(view)
                 bias2_sqrt = (1 - beta2 ** t.to(p.dtype)).sqrt_().view(view)
-                denom = v.sqrt().div_(bias2_sqrt).add_(group["eps"])
-                p.index_add_(0, rows, m.div(denom).mul_(step_size), alpha=-1.0)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                state["step"].index_copy_(0, rows, t)
+                denom = v.sqrt_().div_(bias2_sqrt).add_(group["eps"])
+                p.index_add_(0, rows, m.div_(denom).mul_(step_size), alpha=-1.0)
         return loss
 
     @torch.no_grad()
@@ -79,8 +77,22 @@ class RowAdam(torch.optim.Optimizer):
         if not state:  # no step taken yet: every row is already fresh
             return
         rows = rows.to(device=param.device, dtype=torch.long)
-        for name in ("exp_avg", "exp_avg_sq", "step"):
+        for name in ("moments", "step"):
             state[name].index_fill_(0, rows, 0)
+
+
+def _summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """A row-sparse gradient as (rows (R,), one summed gradient row each (R, ...)), rows unique."""
+    if not grad.is_sparse:
+        raise ValueError("RowAdam needs sparse gradients: build the value table with sparse=True, "
+                         "or give a dense table to a dense optimizer")
+    rows = grad._indices()[0]
+    # Autograd drops the "coalesced" flag of pkmlm.memory's already summed, sorted gradient; a
+    # check of its rows is far cheaper than coalesce's sort and copy of all values.
+    if not grad.is_coalesced() and (rows[1:] <= rows[:-1]).any():
+        grad = grad.coalesce()  # sums duplicate rows, so each row is updated once
+        rows = grad._indices()[0]
+    return rows, grad._values()
 
 
 class Optimizers:

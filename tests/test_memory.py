@@ -68,6 +68,20 @@ def test_gradients_reach_queries_keys_and_only_selected_values(sparse):
     assert torch.equal(touched, selected)
 
 
+def test_sparse_value_gradient_equals_dense_gradient():
+    torch.manual_seed(0)
+    sparse, dense = small(sparse=True), small(sparse=False)
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(4, 6, 12)
+    for mem in (sparse, dense):
+        mem(x).pow(2).sum().backward()
+    grad = sparse.values.weight.grad
+    rows = grad._indices()[0]
+    assert (rows.diff() > 0).all()  # one summed row per slot read, sorted
+    torch.testing.assert_close(grad.to_dense(), dense.values.weight.grad)
+    torch.testing.assert_close(sparse.keys.grad, dense.keys.grad)
+
+
 def test_masked_batchnorm_uses_only_real_tokens():
     torch.manual_seed(0)
     mem = small()

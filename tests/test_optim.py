@@ -44,7 +44,7 @@ def test_reset_state_makes_rows_start_afresh():
         opt.step()
     opt.reset_state(table, torch.tensor([1]))
     assert opt.state[table]["step"].tolist() == [3, 0, 3, 0]
-    assert (opt.state[table]["exp_avg"][1] == 0).all() and (opt.state[table]["exp_avg_sq"][1] == 0).all()
+    assert (opt.state[table]["moments"][1] == 0).all() and (opt.state[table]["moments"][0] != 0).all()
     before = table.detach().clone()
     g = torch.tensor([0.3, -2.0])
     table.grad = sparse_grad([1], [g], (4, 2))

@@ -1,0 +1,138 @@
+"""Memory layer speed: pkmlm's ProductKeyMemory vs a dense FFN vs the `product-key-memory` package.
+
+    python bench/memory_layer.py [--sizes 128 256 512 1024] [--repeats 5]
+
+Every layer maps 256 -> 256 on a batch of 8 x 256 tokens: memories with heads=4, knn=32, k_dim=256
+and query BatchNorm; the FFN is 256 -> 1024 -> 256. Two timings per layer, each the median of
+`--repeats` runs after one warm-up:
+  forward: the training-mode forward, autograd recording (the first half of a training step);
+  step:    zero_grad + forward + backward + optimizer step(s), loss = mean of the squared output.
+pkmlm's values use its sparse RowAdam (lr 1e-3), everything else Adam. The package (optional, v0.3.0,
+`pip install --no-deps product-key-memory==0.3.0 einops colt5-attention local-attention`) is
+configured identically (heads=4, num_keys, topk=32, dim_head=128 per query half; LayerNorm queries,
+since its BatchNorm option crashes in that version)
+and trained with its recommended parameter groups (`fetch_optimizer_parameters`: Adam, values at
+lr 1e-2, dense). A last table times the value-table update alone: torch.optim.SparseAdam vs RowAdam
+on the same sparse gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from pkmlm.memory import ProductKeyMemory
+from pkmlm.optim import RowAdam, make_optimizers
+
+DIM, HEADS, KNN, K_DIM, BATCH, SEQ = 256, 4, 32, 256, 8, 256
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, optimizer state
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def time_layer(layer: nn.Module, step_optimizers, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(forward ms, training step ms) of `layer` on x; step_optimizers: callables zero_grad/step."""
+    zero_grad, step = step_optimizers
+
+    def forward():
+        layer(x)
+
+    def train_step():
+        zero_grad()
+        layer(x).pow(2).mean().backward()
+        step()
+
+    return median_ms(forward, repeats), median_ms(train_step, repeats)
+
+
+def ours(n_keys: int) -> tuple[nn.Module, tuple]:
+    mem = ProductKeyMemory(DIM, DIM, n_keys=n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM)
+    opts = make_optimizers(mem, lr=1e-4, value_lr=1e-3)
+    return mem, (opts.zero_grad, opts.step)
+
+
+def dense_ffn() -> tuple[nn.Module, tuple]:
+    ffn = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.ReLU(), nn.Linear(4 * DIM, DIM))
+    opt = torch.optim.Adam(ffn.parameters(), lr=1e-4)
+    return ffn, (lambda: opt.zero_grad(set_to_none=True), opt.step)
+
+
+def pypi_package(n_keys: int) -> tuple[nn.Module, tuple] | None:
+    try:
+        from product_key_memory import PKM, fetch_optimizer_parameters
+    except ImportError as e:
+        print(f"[skip] product-key-memory package not importable ({e}); its columns show '-'")
+        return None
+    # Its BatchNorm option (use_layernorm=False) crashes in v0.3.0: BatchNorm1d(dim_head) meets
+    # 2 * dim_head query features. So it keeps its default LayerNorm queries (cost: about the same).
+    pkm = PKM(DIM, heads=HEADS, num_keys=n_keys, topk=KNN, dim_head=K_DIM // 2)
+    opt = torch.optim.Adam(fetch_optimizer_parameters(pkm), lr=1e-4)
+    return pkm, (lambda: opt.zero_grad(set_to_none=True), opt.step)
+
+
+def value_update_ms(n_keys: int, repeats: int) -> tuple[float, float]:
+    """Value-table update time alone, SparseAdam vs RowAdam, on one real sparse gradient."""
+    mem = ProductKeyMemory(DIM, DIM, n_keys=n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM)
+    mem(torch.randn(BATCH, SEQ, DIM)).pow(2).mean().backward()
+    grad = mem.values.weight.grad
+    results = []
+    for opt in (torch.optim.SparseAdam([mem.values.weight], lr=1e-3), RowAdam([mem.values.weight], lr=1e-3)):
+        def update():
+            mem.values.weight.grad = grad.clone()  # uncoalesced, as backward leaves it
+            opt.step()
+        results.append(median_ms(update, repeats))
+        del opt
+    return results[0], results[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="n_keys values")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    args = parser.parse_args()
+    if args.repeats < 1 or any(n < KNN for n in args.sizes):
+        parser.error(f"--repeats must be >= 1 and every size >= knn ({KNN})")
+
+    torch.manual_seed(0)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load {load:.2f}")
+    x = torch.randn(BATCH, SEQ, DIM)
+    ffn_fwd, ffn_step = time_layer(*dense_ffn(), x, args.repeats)
+    print(f"dense FFN 256->1024->256: forward {ffn_fwd:.1f} ms, step {ffn_step:.1f} ms\n")
+
+    print("| slots | pkmlm fwd ms | package fwd ms | fwd ratio | pkmlm step ms | package step ms | step ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n_keys in args.sizes:
+        fwd, step = time_layer(*ours(n_keys), x, args.repeats)
+        pypi = pypi_package(n_keys)
+        if pypi is None:
+            print(f"| {n_keys**2:,} | {fwd:.1f} | - | - | {step:.1f} | - | - |", flush=True)
+            continue
+        p_fwd, p_step = time_layer(*pypi, x, args.repeats)
+        del pypi
+        print(f"| {n_keys**2:,} | {fwd:.1f} | {p_fwd:.1f} | {fwd / p_fwd:.2f} | {step:.1f} | "
+              f"{p_step:.1f} | {step / p_step:.2f} |", flush=True)
+
+    print("\n| slots | SparseAdam update ms | RowAdam update ms |")
+    print("|---:|---:|---:|")
+    for n_keys in args.sizes:
+        sparse_adam, row_adam = value_update_ms(n_keys, args.repeats)
+        print(f"| {n_keys**2:,} | {sparse_adam:.1f} | {row_adam:.1f} |", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n1-min load at the end {load:.2f}")
+
+
+if __name__ == "__main__":
+    main()
