@@ -384,7 +384,7 @@ class Trainer:
                 if self.env.is_main and D.requeue_slurm_job():
                     self.log.message("asked Slurm to requeue this job")
                 break
-        if result.valid_loss is None:  # nothing left to train (a finished run resumed): still report on it
+        if not result.losses:  # nothing left to train (a finished run resumed): still report on it
             result.valid_loss, result.memory = self._validate()
             self._log_validation(result.valid_loss, result.memory)
         result.step = self.step
