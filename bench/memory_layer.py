@@ -8,7 +8,8 @@ and query BatchNorm; the FFN is 256 -> 1024 -> 256. Two timings per layer, each 
   forward: the training-mode forward, autograd recording (the first half of a training step);
   step:    zero_grad + forward + backward + optimizer step(s), loss = mean of the squared output.
 pkmlm's values use its sparse RowAdam (lr 1e-3), everything else Adam. The package (optional, v0.3.0,
-`pip install --no-deps product-key-memory==0.3.0 einops colt5-attention local-attention`) is
+`pip install -e .[bench]`, or with --no-deps: product-key-memory==0.3.0 einops colt5-attention
+local-attention hyper-connections) is
 configured identically (heads=4, num_keys, topk=32, dim_head=128 per query half; LayerNorm queries,
 since its BatchNorm option crashes in that version)
 and trained with its recommended parameter groups (`fetch_optimizer_parameters`: Adam, values at

@@ -205,7 +205,7 @@ def test_usage_histograms_match_lookup():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(k_dim=7), "k_dim"), (dict(knn=9), "knn"), (dict(n_keys=0), "n_keys"),
-    (dict(heads=-1), "heads"), (dict(knn=0), "knn"), (dict(v_dim=0), "v_dim"),
+    (dict(heads=-1), "heads"), (dict(n_keys=46341), "n_keys=46341"), (dict(knn=0), "knn"), (dict(v_dim=0), "v_dim"),
     (dict(input_dim=0), "input_dim"), (dict(output_dim=2.5), "output_dim"),
     (dict(input_dropout=1.0), "input_dropout"), (dict(query_dropout=-0.1), "query_dropout"),
     (dict(value_dropout=1.5), "value_dropout"),
