@@ -79,6 +79,19 @@ def test_global_batch_loss_does_not_depend_on_grad_accum(data_dir, tmp_path):
         assert runs[1].losses[step] == pytest.approx(loss, rel=1e-5)
 
 
+def test_tensorboard_scalars(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 4})))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ppl", "valid/loss", "valid/ppl", "lr/dense", "lr/values", "grad_norm/dense",
+            "grad_norm/values", "tokens_per_s", "memory/blocks.1.memory/usage", "memory/blocks.1.memory/kl"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    assert [e.step for e in events.Scalars("valid/ppl")] == [3, 4]
+
+
 def test_bf16_autocast_trains_on_cpu(data_dir, tmp_path):
     fp32 = train(Config.from_dict(tiny(data_dir, tmp_path / "fp32", train={"max_steps": 2})))
     bf16 = train(Config.from_dict(tiny(data_dir, tmp_path / "bf16", train={"max_steps": 2, "precision": "bf16"})))
