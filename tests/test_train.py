@@ -239,12 +239,13 @@ WORKER = textwrap.dedent("""
 
 
 def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
-    """torchrun, 2 gloo processes: both ranks end with identical parameters (value tables included), and the
-    same global batches give the same losses and weights as one process with grad_accum=2."""
-    # Dropout off: masks differ by process count. Query BatchNorm on: rank r's rows are micro-batch r of the
-    # one-process run, so per-rank batch statistics match too.
+    """torchrun, 2 gloo processes with grad_accum=2 (no_sync on the first micro-batch): both ranks end with
+    identical parameters (value tables included), and the same global batches give the same losses and weights
+    as one process with grad_accum=4."""
+    # Dropout off: masks differ by process count. Query BatchNorm on: rank r's micro-batch i holds the rows of
+    # the one-process run's micro-batch 2r + i, so batch statistics match too.
     config = tiny(data_dir, tmp_path / "ddp", model={"dropout": 0.0}, memory={"input_dropout": 0.0},
-                  train={"max_steps": 4, "eval_every": 4})
+                  train={"max_steps": 4, "eval_every": 4, "grad_accum": 2})
     (tmp_path / "worker.py").write_text(WORKER)
     cfg = _write_config(tmp_path / "c.yaml", config)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -258,7 +259,7 @@ def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
         assert torch.equal(a, ranks[1]["state"][name]), name
     assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["valid"] == ranks[1]["valid"]
 
-    config["train"].update(out_dir=str(tmp_path / "single"), grad_accum=2)
+    config["train"].update(out_dir=str(tmp_path / "single"), grad_accum=4)
     single = train(Config.from_dict(config))
     for step, loss in single.losses.items():
         assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5)
