@@ -70,6 +70,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     """
     if not splits:
         raise EvaluationError("no split to evaluate: pass --split valid,test")
+    if batch_size < 0:
+        raise EvaluationError(f"batch size must be >= 0 (0: the training loop's), got {batch_size}")
     device = device or torch.device("cpu")
     path = find_checkpoint(path)
     state = ckpt.load_checkpoint(path)
@@ -79,8 +81,6 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     corpora = {s: open_split(root / s, expected_vocab_hash=state["vocab_hash"]) for s in splits}
     model = load_model(state, path, device)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if batch_size < 0:
-        raise EvaluationError(f"batch size must be >= 0 (0: the training loop's), got {batch_size}")
     rows_per_batch = batch_size or max(1, config.data.batch_size // (world * config.train.grad_accum))
 
     counts = model.num_parameters()

@@ -151,9 +151,11 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, bad_inputs, tmp_
     assert not out.exists() and proc.stdout == ""
 
 
-def test_evaluation_rejects_empty_splits(run):
+def test_evaluation_rejects_empty_splits_and_negative_batch_size(run):
     with pytest.raises(EvaluationError, match="--split"):
         evaluate_checkpoint(run[1], splits=[])
+    with pytest.raises(EvaluationError, match="batch size must be >= 0"):
+        evaluate_checkpoint(run[1], splits=["valid"], batch_size=-1)
 
 
 def test_two_processes_all_reduce_losses_and_histograms(run, tmp_path):

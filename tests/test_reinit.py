@@ -54,8 +54,12 @@ def _trained(seed: int = 0, steps: int = 2, share_values: bool = False):
     config = _config(share_values=share_values)
     model = TransformerLM(config, VOCAB)
     optim = make_optimizers(model, lr=1e-2, value_lr=1e-2)
-    policy = DeadSlotReinit(model, optim, every=2, min_count=1, seed=seed)
     data = torch.Generator().manual_seed(1)
+    # One step before the window: slots read here but not in the window have optimizer state to reset.
+    model(torch.randint(0, VOCAB, (2, 8), generator=data)).logsumexp(-1).mean().backward()
+    optim.step()
+    optim.zero_grad()
+    policy = DeadSlotReinit(model, optim, every=2, min_count=1, seed=seed)
     slot_counts = {name: 0 for name, _ in model.memories()}
     subkey_counts = {name: 0 for name, _ in model.memories()}
     for _ in range(steps):
@@ -90,12 +94,13 @@ def test_reinit_touches_only_unused_slots_subkeys_and_their_optimizer_state():
         assert 0 < dead.sum() < dead.numel()  # the test needs both kinds
         changed_rows = (m.values.weight != values[name]).any(1)
         assert torch.equal(changed_rows, dead), name
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            after = optim.values.state[m.values.weight][k]
+        assert (value_state[name]["step"][dead] > 0).any()  # some dead rows had state to reset
+        for k, after in optim.values.state[m.values.weight].items():  # every per-row tensor (moments, step)
             assert (after[dead] == 0).all() and torch.equal(after[~dead], value_state[name][k][~dead]), k
         dead_keys = subkey_counts[name] == 0  # (heads, 2, n_keys)
         assert dead_keys.any() and not dead_keys.all()
         assert torch.equal((m.keys != keys[name]).any(-1), dead_keys)
+        assert (key_moments[name][dead_keys] != 0).any()
         moments = optim.dense.state[m.keys]["exp_avg_sq"]
         assert (moments[dead_keys] == 0).all() and torch.equal(moments[~dead_keys], key_moments[name][~dead_keys])
         assert report[name]["dead_slots"] == int(dead.sum())
