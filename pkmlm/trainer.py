@@ -313,7 +313,8 @@ class Trainer:
             self.log.scalars(self.step, {f"reinit/{name}/{k}": v for k, v in r.items()})
         self.log.message(f"step {self.step}: dead-slot re-initialisation: " + "; ".join(
             f"{name} window usage {r['usage']:.1%}, {r['dead_slots']} slots and {r['dead_subkeys']} sub-keys "
-            f"re-initialised, {r['revived']:.1%} of the previous ones revived" for name, r in report.items()))
+            f"re-initialised" + (f", {r['revived']:.1%} of those reset last time were read since"
+                                  if math.isfinite(r["revived"]) else "") for name, r in report.items()))
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
