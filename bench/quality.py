@@ -1,0 +1,218 @@
+"""The paper's headline claims, checked at CPU scale on real text with the project's own train.py and evaluate.py.
+
+Lample et al. (2019) report that (1) L layers plus a memory beat 2L layers without one, at about twice the
+inference speed; (2) query BatchNorm is what makes the memory used (25.8% -> 80.3% usage at 1M slots); and
+(3) memories in the middle of the network work best. This script trains five models on the same data with the
+same token budget, batch and optimiser settings, evaluates them, and writes a markdown report and a plot:
+
+    a  tiny               L layers                          configs/tiny.yaml
+    b  tiny_deep          2L layers                         configs/tiny_deep.yaml
+    c  tiny_pkm           L layers, memory replaces a middle FFN    configs/tiny_pkm.yaml
+    d  tiny_pkm_parallel  like c, memory in parallel with the FFN   configs/tiny_pkm_parallel.yaml
+    e  tiny_pkm_no_bn     like c, without query BatchNorm           configs/tiny_pkm.yaml memory.query_batchnorm=false
+
+    python bench/quality.py                                   # BBC news shards, about 45 minutes on 2 cores
+    python bench/quality.py --data-dir data/wiki --steps 2000 --models a,c
+    python bench/quality.py --report-only                     # rebuild the report from finished runs
+
+Runs go to --out (default runs/quality/<model>); a finished run is not trained again and an interrupted one
+resumes from its last checkpoint (delete a run's folder to retrain it).
+Needs matplotlib for the plot (`pip install -e ".[bench]"`); without it the report is written without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Model:
+    key: str
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    description: str
+
+
+MODELS = (
+    Model("a", "tiny", "configs/tiny.yaml", (), "L=4 layers"),
+    Model("b", "tiny_deep", "configs/tiny_deep.yaml", (), "2L=8 layers"),
+    Model("c", "tiny_pkm", "configs/tiny_pkm.yaml", (), "L=4, memory replaces the FFN of block 2"),
+    Model("d", "tiny_pkm_parallel", "configs/tiny_pkm_parallel.yaml", (), "L=4, memory parallel to the FFN of block 2"),
+    Model("e", "tiny_pkm_no_bn", "configs/tiny_pkm.yaml", ("memory.query_batchnorm=false",),
+          "like c, without query BatchNorm"),
+)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data/bbc_news", help="prepared corpus (default: the BBC news shards)")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="parent folder of the five runs")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model (same token budget)")
+    parser.add_argument("--eval-every", type=int, default=100, help="validation interval, in steps")
+    parser.add_argument("--models", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "quality.md", help="markdown report")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "quality.png", help="PNG plot")
+    parser.add_argument("--report-only", action="store_true", help="do not train; report on the existing runs")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="extra overrides for every model")
+    args = parser.parse_args(argv)
+
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = sorted(set(keys) - {m.key for m in MODELS})
+    if unknown or not keys:
+        parser.error(f"--models takes a comma-separated subset of a,b,c,d,e; got {args.models!r}")
+    if args.steps < 1 or args.eval_every < 1:
+        parser.error("--steps and --eval-every must be positive")
+    if not (Path(args.data_dir) / "train" / "manifest.json").exists():
+        parser.error(f"no prepared corpus at {args.data_dir}: run `python -m pkmlm.data.prepare --corpus bbc_news "
+                     f"--out {args.data_dir}` (or `make data`) first, or pass --data-dir")
+    models = [m for m in MODELS if m.key in keys]
+
+    commands, results = {}, {}
+    for m in models:
+        run_dir = args.out / m.name
+        train_cmd = [sys.executable, "train.py", "--config", m.config, *m.overrides,
+                     f"data.dir={args.data_dir}", f"train.out_dir={run_dir}", f"train.max_steps={args.steps}",
+                     f"train.eval_every={args.eval_every}", f"train.checkpoint_every={args.steps}", *args.overrides,
+                     "--resume"]
+        eval_json = run_dir / "evaluation.json"
+        eval_cmd = [sys.executable, "evaluate.py", str(run_dir), "--split", "valid,test", "--json", str(eval_json)]
+        commands[m.name] = (train_cmd, eval_cmd)
+        if not args.report_only:
+            if not _finished(run_dir, args.steps):
+                _run(train_cmd)
+            _run(eval_cmd)
+        if not eval_json.exists():
+            print(f"skipping {m.name}: no {eval_json} (train and evaluate it first)", file=sys.stderr)
+            continue
+        results[m.name] = (m, json.loads(eval_json.read_text())[0], _curve(run_dir))
+
+    plotted = _plot(results, args.plot)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(_report(results, commands, args, plotted))
+    print(f"report: {args.report}" + (f", plot: {args.plot}" if plotted else ""))
+    return 0
+
+
+def _run(cmd: list[str]) -> None:
+    print("$ " + shlex.join(_display(cmd)), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def _display(cmd: list[str]) -> list[str]:
+    return ["python", *cmd[1:]] if cmd and cmd[0] == sys.executable else cmd
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    return (run_dir / "checkpoints" / f"step_{steps:07d}.pt").exists()
+
+
+def _curve(run_dir: Path) -> dict[str, list[float]]:
+    """Validation loss against training tokens and training seconds, from the run's TensorBoard events.
+
+    Training seconds exclude validation: they add up each logging window's steps / (tokens/s) * tokens per step.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tokens_per_step = config["data"]["batch_size"] * config["data"]["bptt"]
+    tags = events.Tags()["scalars"]
+    if "valid/loss" not in tags or "tokens_per_s" not in tags:
+        raise SystemExit(f"{run_dir}: no validation or speed scalars in its TensorBoard log; train it with "
+                         "train.eval_every and train.log_every below train.max_steps")
+    speed = {e.step: e.value for e in events.Scalars("tokens_per_s")}
+    seconds, elapsed, last = {}, 0.0, 0
+    for step in sorted(speed):
+        elapsed += (step - last) * tokens_per_step / speed[step]
+        seconds[step], last = elapsed, step
+    valid = events.Scalars("valid/loss")
+    logged = sorted(seconds)
+    curve = {"step": [], "tokens": [], "seconds": [], "valid_ppl": []}
+    for e in valid:
+        # Time at the validation step: the nearest logged window at or before it.
+        before = [s for s in logged if s <= e.step]
+        curve["step"].append(e.step)
+        curve["tokens"].append(e.step * tokens_per_step)
+        curve["seconds"].append(seconds[before[-1]] if before else 0.0)
+        curve["valid_ppl"].append(math.exp(e.value))
+    curve["train_tokens_per_s"] = [last * tokens_per_step / elapsed]
+    return curve
+
+
+def _plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    fig, (ax_tokens, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, (_, _, curve) in results.items():
+        ax_tokens.plot([t / 1e6 for t in curve["tokens"]], curve["valid_ppl"], marker="o", ms=3, label=name)
+        ax_time.plot([s / 60 for s in curve["seconds"]], curve["valid_ppl"], marker="o", ms=3, label=name)
+    for ax, xlabel in ((ax_tokens, "training tokens (millions)"), (ax_time, "training wall time (minutes)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    ax_time.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _report(results: dict, commands: dict, args, plotted: bool) -> str:
+    lines = ["# Quality benchmark: the paper's claims at CPU scale", "",
+             f"Data: `{args.data_dir}`; {args.steps} steps per model; generated by `bench/quality.py`.", "",
+             "| model | what | params total | memory values | active/token | valid ppl | test ppl "
+             "| memory usage | KL (counts) | train tok/s | inference tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, (m, row, curve) in results.items():
+        usage = [v for k, v in row.items() if k.endswith("/usage") and "/head" not in k]
+        kl = [v for k, v in row.items() if k.endswith("/kl_counts") and "/head" not in k]
+        lines.append(
+            f"| {m.key}: {name} | {m.description} | {row['params_total']:,} | {row['params_memory_values']:,} "
+            f"| {row['params_active']:,} | {row['valid_ppl']:.2f} | {row['test_ppl']:.2f} "
+            f"| {', '.join(f'{u:.1%}' for u in usage) or '-'} | {', '.join(f'{k:.3f}' for k in kl) or '-'} "
+            f"| {curve['train_tokens_per_s'][0]:,.0f} | {row['tokens_per_s']:,.0f} |")
+    lines += ["", "Validation perplexity during training (on the first `train.eval_batches` validation batches):", ""]
+    lines.append("| model | " + " | ".join(f"step {s}" for s in _steps(results)) + " |")
+    lines.append("|---|" + "---:|" * len(_steps(results)))
+    for name, (_, _, curve) in results.items():
+        by_step = dict(zip(curve["step"], curve["valid_ppl"]))
+        lines.append(f"| {name} | " + " | ".join(f"{by_step[s]:.1f}" if s in by_step else "" for s in _steps(results))
+                     + " |")
+    if plotted:
+        lines += ["", f"![validation perplexity against training tokens and time]({args.plot.name})"]
+    lines += ["", "Commands (from the repository root):", "", "```"]
+    for train_cmd, eval_cmd in commands.values():
+        lines += [shlex.join(_display(train_cmd)), shlex.join(_display(eval_cmd))]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def _steps(results: dict) -> list[int]:
+    return sorted({s for _, _, c in results.values() for s in c["step"]})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
