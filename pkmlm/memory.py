@@ -188,7 +188,7 @@ class ProductKeyMemory(nn.Module):
         if self.values.sparse:
             # The table is read without autograd; _RowSparseGrad gives it its gradient.
             out = F.embedding_bag(indices, table.detach(), per_sample_weights=weights, mode="sum")
-            out = _RowSparseGrad.apply(out, table, indices, weights)
+            out = _RowSparseGrad.apply(out, table, indices, weights.detach())
         else:
             out = self.values(indices, per_sample_weights=weights)
         out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
