@@ -87,7 +87,8 @@ class ProductKeyMemory(nn.Module):
         self.n_keys, self.heads, self.knn, self.k_dim, self.v_dim = n_keys, heads, knn, k_dim, v_dim
 
         self.input_dropout = nn.Dropout(input_dropout)
-        self.query_proj = nn.Linear(input_dim, heads * k_dim)
+        # BatchNorm subtracts the mean, so a bias before it would be a parameter with no effect.
+        self.query_proj = nn.Linear(input_dim, heads * k_dim, bias=not query_batchnorm)
         self.query_norm = nn.BatchNorm1d(heads * k_dim) if query_batchnorm else None
         self.query_dropout = nn.Dropout(query_dropout)
         half = k_dim // 2

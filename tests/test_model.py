@@ -160,7 +160,8 @@ def test_initialisation_leaves_memories_alone():
     assert abs(block.attn.proj.weight.std().item() - 0.02 / math.sqrt(6)) < 0.002
     memory = block.memory
     assert isinstance(memory, ProductKeyMemory)
-    assert memory.query_proj.bias.abs().sum() > 0  # PyTorch's own init, not zeroed by ours
+    fan_in = memory.query_proj.in_features  # PyTorch's own U(+-1/sqrt(fan_in)) init, not the 0.02 of ours
+    assert abs(memory.query_proj.weight.std().item() - (3 * fan_in) ** -0.5) < 0.003
     assert abs(memory.values.weight.std().item() - 32**-0.5) < 0.02  # the memory's N(0, v_dim**-0.5)
 
 
