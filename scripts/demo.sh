@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: prepare the BBC News corpus (once), train configs/tiny_pkm.yaml on the CPU for a few minutes,
-# print its validation perplexity and memory usage. Runs after `make setup`. Rerunning continues the same
+# print its validation perplexity and memory usage, then the evaluate.py table (perplexity per split, memory
+# usage, KL, Gini). Runs after `make setup`. Rerunning continues the same
 # run (--resume) and reports on it; extra arguments are config overrides, e.g. train.max_steps=600.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,6 @@ fi
 
 echo "== training configs/tiny_pkm.yaml on the CPU (TensorBoard: tensorboard --logdir runs/tiny_pkm)"
 "$PY" train.py --config configs/tiny_pkm.yaml data.dir="$DATA" train.device=cpu "$@" --resume
+
+echo "== evaluating runs/tiny_pkm on the validation and test splits"
+"$PY" evaluate.py runs/tiny_pkm --split valid,test
