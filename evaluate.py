@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pkmlm.config import ConfigError
 from pkmlm.data import DataError
 from pkmlm.distributed import DistributedError, destroy_process_group, detect_env, init_process_group, resolve_device
 from pkmlm.evaluation import EvaluationError, evaluate_checkpoint
+from pkmlm.fileio import write_text_atomic
 
 # Markdown columns per memory (the JSON and CSV have every metric).
 MEMORY_COLUMNS = ("usage", "kl_counts", "kl_weights", "gini_weights", "slots_50", "slots_90", "slots_99")
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
         return 0
     print(markdown_table(rows, splits))
     if args.json:
-        write_atomic(args.json, json.dumps(rows, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
     if args.csv:
-        write_atomic(args.csv, csv_text(rows))
+        write_text_atomic(args.csv, csv_text(rows))
     return 0
 
 
@@ -96,15 +96,6 @@ def csv_text(rows: list[dict]) -> str:
     writer.writerows(rows)
     return out.getvalue()
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pkmlm.fileio import atomic_open
+
 FORMAT = 1
 REQUIRED_KEYS = ("format", "config", "model", "optimizers", "step", "rng", "data", "vocab_hash")
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
@@ -77,16 +79,8 @@ def save_checkpoint(state: dict, out_dir: str | os.PathLike, keep: int) -> Path:
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     path = checkpoint_path(out_dir, state["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
     _fsync_dir(path.parent)
     for old in list_checkpoints(out_dir)[:-keep]:
         old.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from pkmlm import distributed as D
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import TrainStream, eval_batches
+from pkmlm.fileio import write_text_atomic
 from pkmlm.init_from import init_from_checkpoint
 from pkmlm.log import RunLogger
 from pkmlm.metrics import memory_stats
@@ -336,7 +337,7 @@ class Trainer:
                     self.init_from = report.source
                     self.log.message(report.summary())
                 if self.env.is_main:
-                    _write_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
+                    write_text_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
                 ddp_model = D.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
                                          sync_batchnorm=t.sync_batchnorm)
                 return self._loop(ddp_model, preemption)
@@ -399,12 +400,3 @@ def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

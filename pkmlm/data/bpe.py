@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pkmlm.data import DataError
+from pkmlm.fileio import write_text_atomic
 
 BACKENDS = ("sentencepiece", "fastbpe")
 UNK_ID, EOS_ID = 0, 1
@@ -61,9 +62,7 @@ class Tokenizer:
         meta = {"format": 1, "backend": self.backend, "files": self.files,
                 "vocab_size": self.vocab_size, "vocab_hash": self.vocab_hash, "eos_id": self.eos_id,
                 "special": {"<unk>": self.unk_id, "</s>": self.eos_id}}
-        tmp = self.directory / f".{META}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.directory / META)
+        write_text_atomic(self.directory / META, json.dumps(meta, indent=1))
 
 
 class SentencePieceTokenizer(Tokenizer):
