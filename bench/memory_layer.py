@@ -90,11 +90,10 @@ def value_update_ms(n_keys: int, repeats: int) -> tuple[float, float]:
     grad = mem.values.weight.grad
     results = []
     for opt in (torch.optim.SparseAdam([mem.values.weight], lr=1e-3), RowAdam([mem.values.weight], lr=1e-3)):
-        def update():
-            mem.values.weight.grad = grad.clone()  # uncoalesced, as backward leaves it
+        def update(opt=opt):
+            mem.values.weight.grad = grad.clone()  # the summed-rows gradient, as backward leaves it
             opt.step()
         results.append(median_ms(update, repeats))
-        del opt
     return results[0], results[1]
 
 
