@@ -11,8 +11,8 @@ same token budget, batch and optimiser settings, evaluates them, and writes a ma
     d  tiny_pkm_parallel  like c, memory in parallel with the FFN   configs/tiny_pkm_parallel.yaml
     e  tiny_pkm_no_bn     like c, without query BatchNorm           configs/tiny_pkm.yaml memory.query_batchnorm=false
 
-    python bench/quality.py                                   # BBC news shards, about 45 minutes on 2 cores
-    python bench/quality.py --data-dir data/wiki --steps 2000 --models a,c
+    python bench/quality.py --report docs/quality.md --plot docs/quality.png   # BBC news, ~30 min on 2 cores
+    python bench/quality.py --data-dir data/wiki --steps 2000 --models a,c --out runs/wiki_quality
     python bench/quality.py --report-only                     # rebuild the report from finished runs
 
 Runs go to --out (default runs/quality/<model>); a finished run is not trained again and an interrupted one
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model (same token budget)")
     parser.add_argument("--eval-every", type=int, default=100, help="validation interval, in steps")
     parser.add_argument("--models", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
-    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "quality.md", help="markdown report")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "quality.png", help="PNG plot")
+    parser.add_argument("--report", type=Path, help="markdown report (default OUT/report.md)")
+    parser.add_argument("--plot", type=Path, help="PNG plot, best beside the report (default OUT/plot.png)")
     parser.add_argument("--report-only", action="store_true", help="do not train; report on the existing runs")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="extra overrides for every model")
     args = parser.parse_args(argv)
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
         parser.error(f"no prepared corpus at {args.data_dir}: run `python -m pkmlm.data.prepare --corpus bbc_news "
                      f"--out {args.data_dir}` (or `make data`) first, or pass --data-dir")
     models = [m for m in MODELS if m.key in keys]
+    args.report = args.report or args.out / "report.md"
+    args.plot = args.plot or args.out / "plot.png"
 
     commands, results = {}, {}
     for m in models:
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
 def _run(cmd: list[str]) -> None:
     print("$ " + shlex.join(_display(cmd)), flush=True)
     started = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"error: this command failed (its message is above): {shlex.join(_display(cmd))}")
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 

@@ -1,0 +1,41 @@
+"""bench/quality.py end to end on a tiny synthetic corpus: two of its models trained, evaluated and reported."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pkmlm.data.shards import write_split
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=16", "memory.n_keys=8",
+        "memory.knn=4", "memory.k_dim=16", "memory.heads=2", "data.batch_size=2", "data.bptt=16",
+        "train.log_every=1", "train.eval_batches=1", "train.warmup_steps=1"]
+
+
+def test_quality_bench_trains_evaluates_and_reports(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, docs in (("train", 20), ("valid", 4), ("test", 4)):
+        write_split(tmp_path / "data" / split, [rng.integers(2, 50, size=40).tolist() for _ in range(docs)],
+                    vocab_size=50, vocab_hash="bench-vocab", eos_id=1)
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "bench/quality.py", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+           "--steps", "2", "--eval-every", "1", "--models", "a,e", *TINY]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| a: ") or line.startswith("| e: ")]
+    assert len(rows) == 2, report
+    assert "| e: tiny_pkm_no_bn |" in rows[1] and "%" in rows[1]  # the memory model reports its usage
+    assert "memory.query_batchnorm=false" in report  # the exact commands are in the report
+    # A second call trains nothing: the finished runs are only re-evaluated and reported.
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "train.py" not in again.stdout
+
+
+def test_quality_bench_rejects_unknown_models_and_missing_data(tmp_path):
+    for args, message in ((["--models", "a,z"], "subset of a,b,c,d,e"), ([], "no prepared corpus")):
+        done = subprocess.run([sys.executable, "bench/quality.py", "--data-dir", str(tmp_path / "none"), *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr
