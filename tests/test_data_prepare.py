@@ -126,7 +126,7 @@ def test_prepare_end_to_end(tmp_path, articles, backend):
 
 def test_prepare_cli_errors_and_bbc_subset(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    assert main(["--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "\nerror: no text found in" in err and "Traceback" not in err
     assert main(["--corpus", "bbc_news", "--max-documents", "30", "--valid", "3", "--test", "3",
@@ -135,7 +135,7 @@ def test_prepare_cli_errors_and_bbc_subset(tmp_path, capsys):
     assert open_split(tmp_path / "bbc" / "valid").num_documents == 3
     assert open_split(tmp_path / "bbc" / "train").num_documents == 24
     assert main(["--corpus", "bbc_news", "--max-documents", "4", "--valid", "2", "--test", "2",
-                 "--out", str(tmp_path / "x")]) == 1
+                 "--out", str(tmp_path / "x")]) == 2
     assert "leave no training documents" in capsys.readouterr().err
-    assert main(["--corpus", "bbc_news", "--vocab-size", "2", "--out", str(tmp_path / "x")]) == 1
+    assert main(["--corpus", "bbc_news", "--vocab-size", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--vocab-size (2) must be at least 3" in capsys.readouterr().err

@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                          max_shard_tokens=args.max_shard_tokens, workers=args.workers)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as train.py and evaluate.py
     print(f"{report['documents']} documents ({report['duplicates']} duplicates and {report['empty']} "
           f"empty dropped, {report['replaced_bytes']} invalid UTF-8 sequences replaced), "
           f"{report['raw_bytes'] / 1e6:.1f} MB of text")
