@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pkmlm.optim import coalesce_rows
+
 DEFAULT_MASTER_PORT = 29500
 # Exit status of a run that stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL: "try again later").
 PREEMPTED_EXIT_CODE = 75
@@ -168,7 +170,7 @@ def all_reduce_sparse_grads(params: Iterable[nn.Parameter]) -> None:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
             continue
-        grad = p.grad.coalesce()
+        grad = coalesce_rows(p.grad)
         indices, rows = grad.indices()[0], grad.values()
         count = torch.tensor([indices.numel()], device=indices.device)
         counts = [torch.empty_like(count) for _ in range(world)]

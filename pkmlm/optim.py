@@ -95,18 +95,29 @@ class RowAdam(torch.optim.Optimizer):
             state[name].index_fill_(0, rows, 0)
 
 
+def coalesce_rows(grad: Tensor) -> Tensor:
+    """A row-sparse gradient with unique, sorted rows, marked coalesced.
+
+    Autograd drops the "coalesced" flag of pkmlm.memory's already summed, sorted gradient; checking its rows
+    is far cheaper than coalesce()'s sort and copy of all values, which runs only when rows repeat or are
+    out of order (e.g. nn.EmbeddingBag's own gradient).
+    """
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if (rows[1:] > rows[:-1]).all():
+        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return grad.coalesce()
+
+
 def _summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     """A row-sparse gradient as (rows (R,), one summed gradient row each (R, ...)), rows unique."""
     if not grad.is_sparse:
         raise ValueError("RowAdam needs sparse gradients: build the value table with sparse=True, "
                          "or give a dense table to a dense optimizer")
-    rows = grad._indices()[0]
-    # Autograd drops the "coalesced" flag of pkmlm.memory's already summed, sorted gradient; a
-    # check of its rows is far cheaper than coalesce's sort and copy of all values.
-    if not grad.is_coalesced() and (rows[1:] <= rows[:-1]).any():
-        grad = grad.coalesce()  # sums duplicate rows, so each row is updated once
-        rows = grad._indices()[0]
-    return rows, grad._values()
+    grad = coalesce_rows(grad)  # sums duplicate rows, so each row is updated once
+    return grad._indices()[0], grad._values()
 
 
 class Optimizers:

@@ -32,7 +32,7 @@ from pkmlm.init_from import init_from_checkpoint
 from pkmlm.log import RunLogger
 from pkmlm.metrics import memory_stats
 from pkmlm.model import TransformerLM
-from pkmlm.optim import Optimizers, inverse_sqrt_warmup, make_optimizers
+from pkmlm.optim import Optimizers, coalesce_rows, inverse_sqrt_warmup, make_optimizers
 from pkmlm.reinit import DeadSlotReinit
 
 
@@ -96,7 +96,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()  # duplicate rows must be summed before their norm means anything
+            p.grad = coalesce_rows(p.grad)  # duplicate rows must be summed before their norm means anything
             grads.append(p.grad._values())
         else:
             grads.append(p.grad)

@@ -160,3 +160,17 @@ def test_make_optimizers_rejects_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         make_optimizers(TwoMemoryNet(), **args)
+
+
+def test_coalesce_rows_sums_duplicates_and_marks_sorted_rows_without_copying():
+    from pkmlm.optim import coalesce_rows
+
+    values = torch.arange(8.0).view(4, 2)
+    repeated = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3, 0]]), values, (5, 2))
+    summed = coalesce_rows(repeated)
+    assert summed.is_coalesced() and summed._indices()[0].tolist() == [0, 1, 3]
+    torch.testing.assert_close(summed.to_dense(), repeated.to_dense())
+    ordered = torch.sparse_coo_tensor(torch.tensor([[0, 2, 4]]), values[:3], (5, 2))
+    assert not ordered.is_coalesced()
+    marked = coalesce_rows(ordered)
+    assert marked.is_coalesced() and marked._values().data_ptr() == ordered._values().data_ptr()
