@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from pkmlm import checkpoint as ckpt
-from pkmlm import distributed as D
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
-from pkmlm.metrics import memory_stats, per_head_stats
 from pkmlm.model import TransformerLM
-from pkmlm.trainer import evaluate_loss
+from pkmlm.trainer import evaluate_loss, memory_metrics
 
 
 class EvaluationError(Exception):
@@ -109,7 +107,9 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
         row[f"{split}_ppl"] = math.exp(loss)
         if track:
             row["memory_split"] = split
-            row.update(_memory_columns(memories, per_head))
+            # Flat "{memory}/{metric}" (and "{memory}/head{h}/{metric}") columns, summed over ranks.
+            row.update({f"{name}/{k}": v for name, stats in memory_metrics(model, per_head).items()
+                        for k, v in stats.items()})
     for _, m in memories:
         m.track_usage(False)
     # Speed from the splits read without usage tracking (histogram updates are not inference work), when any.
@@ -117,19 +117,6 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     tokens, seconds = sum(n for n, _ in timed), sum(sec for _, sec in timed)
     row["tokens_per_s"] = tokens / seconds if seconds > 0 else math.inf
     return row
-
-
-def _memory_columns(memories, per_head: bool) -> dict:
-    """Flat ``"{memory}/{metric}"`` (and ``"{memory}/head{h}/{metric}"``) columns from all-reduced histograms."""
-    out = {}
-    for name, m in memories:
-        hist = m.usage()
-        counts, weights = D.all_reduce_sum(hist["counts"]), D.all_reduce_sum(hist["weights"])
-        out.update({f"{name}/{k}": v for k, v in memory_stats(counts, weights).to_dict().items()})
-        if per_head:
-            for h, stats in enumerate(per_head_stats(counts, weights)):
-                out.update({f"{name}/head{h}/{k}": v for k, v in stats.to_dict().items()})
-    return out
 
 
 def _run_name(path: Path) -> str:

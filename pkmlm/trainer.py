@@ -30,7 +30,7 @@ from pkmlm.data.stream import TrainStream, eval_batches
 from pkmlm.fileio import write_text_atomic
 from pkmlm.init_from import init_from_checkpoint
 from pkmlm.log import RunLogger
-from pkmlm.metrics import memory_stats
+from pkmlm.metrics import memory_stats, per_head_stats
 from pkmlm.model import TransformerLM
 from pkmlm.optim import Optimizers, coalesce_rows, inverse_sqrt_warmup, make_optimizers
 from pkmlm.reinit import DeadSlotReinit
@@ -110,13 +110,19 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
     return norm.item()
 
 
-def memory_metrics(model: nn.Module) -> dict[str, dict]:
-    """Usage and KL of every memory from its usage histograms, summed over ranks (all ranks must call)."""
+def memory_metrics(model: nn.Module, per_head: bool = False) -> dict[str, dict]:
+    """Metrics of every memory from its usage histograms, summed over ranks (all ranks must call).
+
+    {memory name: MemoryStats as a dict}; with per_head, also "head{h}/{metric}" keys for every head.
+    """
     out = {}
     for name, memory in model.memories():
         hist = memory.usage()
         counts, weights = D.all_reduce_sum(hist["counts"]), D.all_reduce_sum(hist["weights"])
-        out[name] = memory_stats(counts, weights).__dict__
+        out[name] = memory_stats(counts, weights).to_dict()
+        if per_head:
+            for h, stats in enumerate(per_head_stats(counts, weights)):
+                out[name].update({f"head{h}/{k}": v for k, v in stats.to_dict().items()})
     return out
 
 
