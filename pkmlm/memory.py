@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pkmlm import kernels
+
 
 def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True) -> nn.EmbeddingBag:
     """A value table of `n_keys**2` rows of size `v_dim`, initialised N(0, v_dim**-0.5).
@@ -141,7 +143,7 @@ class ProductKeyMemory(nn.Module):
         if q.dim() != 3 or q.shape[1:] != (self.heads, self.k_dim):
             raise ValueError(f"lookup expects queries of shape (N, {self.heads}, {self.k_dim}) "
                              f"(N, heads, k_dim), got {tuple(q.shape)}")
-        scores, indices, _ = self._search(q)
+        scores, indices, _ = self._search(q, with_subkeys=False)
         return scores, indices
 
     def _flatten(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -163,9 +165,15 @@ class ProductKeyMemory(nn.Module):
             q = self.query_norm(q)
         return self.query_dropout(q).view(-1, self.heads, self.k_dim)
 
-    def _search(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(N, heads, k_dim) -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn)."""
+    def _search(self, q: Tensor, with_subkeys: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(N, heads, k_dim) -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn).
+
+        On float32 CPU tensors the compiled kernel does it all (see pkmlm.kernels; sub-key ids only
+        when asked for); elsewhere these torch ops do the same.
+        """
         n, half = q.shape[0], self.k_dim // 2
+        if kernels.usable(q, self.keys):
+            return _CompiledLookup.apply(q, self.keys, self.knn, with_subkeys)
         # (N, heads, 2, n_keys): each query half against its own sub-keys, all heads in one einsum.
         half_scores = torch.einsum("nhpd,hpkd->nhpk", q.view(n, self.heads, 2, half), self.keys.to(q.dtype))
         top_scores, top_ids = half_scores.topk(self.knn, dim=-1)  # (N, heads, 2, knn), sorted
@@ -179,7 +187,7 @@ class ProductKeyMemory(nn.Module):
 
     def _read(self, x: Tensor) -> Tensor:
         """(N, input_dim) -> (N, output_dim)."""
-        scores, indices, subkeys = self._search(self._query(x))
+        scores, indices, subkeys = self._search(self._query(x), with_subkeys=self.usage_counts is not None)
         # float32 softmax even under autocast: bf16 weights over 32 slots lose the small ones.
         weights = F.softmax(scores.float(), dim=-1)  # (N, heads, knn)
         if self.usage_counts is not None:
@@ -187,9 +195,7 @@ class ProductKeyMemory(nn.Module):
         n, table = indices.shape[0], self.values.weight
         indices, weights = indices.reshape(n, -1), weights.reshape(n, -1).to(table.dtype)
         if self.values.sparse:
-            # The table is read without autograd; _RowSparseGrad gives it its gradient.
-            out = F.embedding_bag(indices, table.detach(), per_sample_weights=weights, mode="sum")
-            out = _RowSparseGrad.apply(out, table, indices, weights.detach())
+            out = _SparseValueRead.apply(table, indices, weights)
         else:
             out = self.values(indices, per_sample_weights=weights)
         out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
@@ -285,9 +291,33 @@ class ProductKeyMemory(nn.Module):
                 f"heads={self.heads}, knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}")
 
 
-class _RowSparseGrad(torch.autograd.Function):
-    """Identity on the values read, (N, v_dim); its backward gives the table (rows, v_dim) a sparse
-    gradient holding one summed row per slot read.
+class _CompiledLookup(torch.autograd.Function):
+    """ProductKeyMemory._search by the compiled CPU kernel: q (N, heads, k_dim), keys -> scores,
+    slots, sub-key ids (or an empty tensor). Its backward sends each score's gradient to the two
+    sub-keys it came from and to the query halves, so only the selected sub-keys are touched.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, knn, with_subkeys):
+        n, heads, k_dim = q.shape
+        q4 = q.detach().reshape(n, heads, 2, k_dim // 2).contiguous()
+        keys = keys.detach().contiguous()
+        scores, slots, subkeys = torch.ops.pkmlm.pkm_lookup(q4, keys, knn, with_subkeys)
+        ctx.save_for_backward(q4, keys, slots)
+        ctx.mark_non_differentiable(slots, subkeys)
+        return scores, slots, subkeys if with_subkeys else None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_scores, _slots, _subkeys):
+        q4, keys, slots = ctx.saved_tensors
+        grad_q, grad_keys = torch.ops.pkmlm.pkm_lookup_backward(grad_scores.float().contiguous(), slots, q4, keys)
+        return grad_q.flatten(2), grad_keys, None, None
+
+
+class _SparseValueRead(torch.autograd.Function):
+    """out[n] = sum_r weights[n, r] * table[indices[n, r]]: (N, v_dim). The table's gradient is
+    row-sparse with one summed row per slot read.
 
     nn.EmbeddingBag(sparse=True) would instead emit one row per read (N * heads * knn rows: 67M floats
     for 2k tokens at heads=4, knn=32) and leave the summing to the optimizer's coalesce, which costs
@@ -296,26 +326,37 @@ class _RowSparseGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out, table, indices, weights):
-        # indices, weights: (N, reads per token); table is an input only so that autograd routes
-        # its gradient here.
-        ctx.save_for_backward(indices, weights)
-        ctx.table_shape = table.shape
-        return out.view_as(out)
+    def forward(ctx, table, indices, weights):
+        ctx.save_for_backward(table, indices, weights)
+        return F.embedding_bag(indices, table.detach(), per_sample_weights=weights.detach(), mode="sum")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        indices, weights = ctx.saved_tensors
+        table, indices, weights = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_weights = _bag_weights_grad(grad_out, table.detach(), indices) if ctx.needs_input_grad[2] else None
         # int32 keys (slot ids < 2**31, checked in __init__) sort markedly faster on CPU than int64.
         slots, order = indices.reshape(-1).int().sort()
         rows, counts = torch.unique_consecutive(slots, return_counts=True)
         rows = rows.long()
         row_grads = F.embedding_bag(order // indices.shape[1], grad_out, counts.cumsum(0) - counts,
                                     mode="sum", per_sample_weights=weights.reshape(-1)[order])
-        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, ctx.table_shape,
+        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, table.shape,
                                              is_coalesced=True, check_invariants=False)
-        return grad_out, grad_table, None, None
+        return grad_table, None, grad_weights.to(weights.dtype) if grad_weights is not None else None
+
+
+def _bag_weights_grad(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
+    """grad_out (N, v_dim) . table[indices] (N, R, v_dim) -> (N, R): the read's gradient w.r.t. its weights."""
+    grad_out = grad_out.to(table.dtype)
+    if kernels.usable(grad_out, table):
+        return torch.ops.pkmlm.bag_weights_backward(grad_out, table.contiguous(), indices.contiguous())
+    # Elsewhere, torch's own EmbeddingBag backward, on a re-run of the (cheap) read.
+    with torch.enable_grad():
+        weights = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
+        out = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+        return torch.autograd.grad(out, weights, grad_out)[0]
 
 
 def _check_positive(**sizes) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from pkmlm import kernels
 from pkmlm.memory import ProductKeyMemory
 
 
@@ -53,7 +54,12 @@ class RowAdam(torch.optim.Optimizer):
                     # Both moments in one (rows, 2, ...) tensor: one gather and one scatter per step.
                     state["moments"] = torch.zeros((p.shape[0], 2) + p.shape[1:], dtype=p.dtype, device=p.device)
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
-                # On the CPU, rows in chunks: each chunk's gathered rows and temporaries stay in cache
+                if p.dim() == 2 and p.is_contiguous() and kernels.usable(p, g):
+                    # One fused pass per row (pkmlm.kernels), same arithmetic as _update_rows.
+                    torch.ops.pkmlm.row_adam_(p.detach(), state["moments"], state["step"], rows.contiguous(),
+                                              g.contiguous(), group["lr"], *group["betas"], group["eps"])
+                    continue
+                # Otherwise: on the CPU, rows in chunks: each chunk's gathered rows and temporaries stay in cache
                 # (measured: about 1.5x faster at 1M slots than one pass). A GPU prefers one launch.
                 size = self.CPU_ROW_CHUNK if p.device.type == "cpu" else max(rows.numel(), 1)
                 for start in range(0, rows.numel(), size):

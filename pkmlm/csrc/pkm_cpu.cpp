@@ -1,0 +1,307 @@
+// CPU kernels for pkmlm's product-key memory layer and its row-wise Adam.
+//
+// Registered as torch.ops.pkmlm.*; built on first use by pkmlm/kernels.py, which also holds the
+// pure-torch versions used on other devices or when no compiler is available. Every kernel here has
+// the same arithmetic as its torch counterpart; tests compare the two.
+//
+// Why kernels: on the CPU, torch.topk over the n_keys sub-key scores, the (N, heads, 2, n_keys)
+// gradient of those scores, and Adam's seven passes over each touched value row are each a full
+// memory pass. Here the scores of a block of tokens stay in cache from matmul to selection, the
+// backward touches only the selected sub-keys, and Adam reads and writes each row once.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// A float's bits mapped to an unsigned int with the same order (NaN above +inf, as torch.topk ranks it).
+inline uint32_t orderable(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits ^ ((bits >> 31) ? 0xFFFFFFFFu : 0x80000000u);
+}
+
+// (value, id) as one integer key: larger value first, then smaller id, under integer comparison.
+inline uint64_t pack(float value, uint32_t id) {
+  return (static_cast<uint64_t>(orderable(value)) << 32) | (0xFFFFFFFFu - id);
+}
+inline uint32_t unpack_id(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key); }
+
+// Keeps the k largest of keys[0..count) in keys[0..k), sorted in decreasing order.
+inline void top_keys(uint64_t* keys, int64_t count, int64_t k) {
+  if (count > k) std::nth_element(keys, keys + k - 1, keys + count, std::greater<uint64_t>());
+  std::sort(keys, keys + k, std::greater<uint64_t>());
+}
+
+// Top-k of s[0..n) as packed keys (value, index) in keys[0..k), decreasing; keys holds n entries.
+// Only scores >= a cheap lower bound of the k-th largest are ranked: the smallest of the maxima of
+// k disjoint groups (group j = s[j], s[j + k], ...), each of which holds a score that large. For
+// random scores that keeps about a tenth of n = 1024.
+void topk_sorted(const float* s, int64_t n, int64_t k, float* group_max, uint64_t* keys) {
+  std::copy(s, s + k, group_max);
+  for (int64_t i = k; i + k <= n; i += k)
+    for (int64_t j = 0; j < k; ++j) group_max[j] = s[i + j] > group_max[j] ? s[i + j] : group_max[j];
+  float bound = group_max[0];
+  for (int64_t j = 1; j < k; ++j) bound = group_max[j] < bound ? group_max[j] : bound;
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) {  // branch-free compaction
+    keys[count] = pack(s[j], static_cast<uint32_t>(j));
+    count += s[j] >= bound;
+  }
+  if (count < k) {  // only with NaN scores, which compare false
+    for (int64_t j = 0; j < n; ++j) keys[j] = pack(s[j], static_cast<uint32_t>(j));
+    count = n;
+  }
+  top_keys(keys, count, k);
+}
+
+void check_float_contiguous(const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
+              name, " must be a contiguous float32 CPU tensor with ", dim, " dimensions");
+}
+
+// Exact top-knn slots of queries q (N, H, 2, half) against sub-keys (H, 2, K, half).
+// Returns scores (N, H, knn) float32, slots (N, H, knn) int64 = i1 * K + i2, and, if with_subkeys,
+// each half's top-knn sub-key ids (N, H, 2, knn) int64 (else an empty tensor).
+std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& keys, int64_t knn, bool with_subkeys) {
+  check_float_contiguous(q, "q", 4);
+  check_float_contiguous(keys, "keys", 4);
+  const int64_t N = q.size(0), H = q.size(1), half = q.size(3), K = keys.size(2);
+  TORCH_CHECK(q.size(2) == 2 && keys.size(0) == H && keys.size(1) == 2 && keys.size(3) == half,
+              "q (N, H, 2, half) and keys (H, 2, K, half) do not match");
+  TORCH_CHECK(knn >= 1 && knn <= K, "knn must be in [1, n_keys]");
+  const Tensor keys_t = keys.transpose(2, 3).contiguous();  // (H, 2, half, K): right operand of mm
+  Tensor scores = at::empty({N, H, knn}, q.options());
+  Tensor slots = at::empty({N, H, knn}, q.options().dtype(at::kLong));
+  Tensor subkeys = at::empty({with_subkeys ? N : 0, H, 2, knn}, q.options().dtype(at::kLong));
+  // Rank pairs (a, b) that can reach the top-knn of the sums: (a + 1) * (b + 1) <= knn.
+  std::vector<int32_t> pair_a, pair_b;
+  for (int32_t a = 0; a < knn; ++a)
+    for (int32_t b = 0; (a + 1) * (b + 1) <= knn; ++b) pair_a.push_back(a), pair_b.push_back(b);
+  const int64_t P = static_cast<int64_t>(pair_a.size());
+
+  float* out_scores = scores.data_ptr<float>();
+  int64_t* out_slots = slots.data_ptr<int64_t>();
+  int64_t* out_sub = with_subkeys ? subkeys.data_ptr<int64_t>() : nullptr;
+  // Tokens per block: their (H, 2, block, K) half scores (1 MB at H=4, K=1024) stay in cache.
+  const int64_t block = std::max<int64_t>(8, std::min<int64_t>(64, (1 << 18) / std::max<int64_t>(1, H * 2 * K)));
+  const int64_t n_blocks = (N + block - 1) / block;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
+    Tensor buf = at::empty({H, 2, block, K}, q.options());
+    std::vector<float> group_max(knn), v(2 * knn);
+    std::vector<int32_t> id(2 * knn);
+    std::vector<uint64_t> keys_buf(std::max<int64_t>(K, P));
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t n0 = blk * block, nb = std::min(block, N - n0);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t p = 0; p < 2; ++p) {
+          Tensor out = buf[h][p].narrow(0, 0, nb);
+          at::mm_out(out, q.narrow(0, n0, nb).select(1, h).select(1, p), keys_t[h][p]);
+        }
+      const float* bp = buf.data_ptr<float>();
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t n = n0 + i;
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t p = 0; p < 2; ++p) {
+            const float* row = bp + ((h * 2 + p) * block + i) * K;
+            topk_sorted(row, K, knn, group_max.data(), keys_buf.data());
+            for (int64_t r = 0; r < knn; ++r) {
+              id[p * knn + r] = static_cast<int32_t>(unpack_id(keys_buf[r]));
+              v[p * knn + r] = row[id[p * knn + r]];
+            }
+          }
+          // The knn pairs (0, b) all score at least v[0] + v[knn + knn - 1] (and likewise (a, 0)):
+          // a lower bound of the knn-th best sum; pairs below it are not ranked.
+          const float b0 = v[0] + v[2 * knn - 1], b1 = v[knn - 1] + v[knn];
+          const float bound = b0 > b1 ? b0 : b1;
+          int64_t count = 0;
+          for (int64_t c = 0; c < P; ++c) {
+            const float sum = v[pair_a[c]] + v[knn + pair_b[c]];
+            keys_buf[count] = pack(sum, static_cast<uint32_t>(c));
+            count += sum >= bound;
+          }
+          if (count < knn) {  // NaN scores
+            for (int64_t c = 0; c < P; ++c) keys_buf[c] = pack(v[pair_a[c]] + v[knn + pair_b[c]], static_cast<uint32_t>(c));
+            count = P;
+          }
+          top_keys(keys_buf.data(), count, knn);
+          const int64_t o = (n * H + h) * knn;
+          for (int64_t r = 0; r < knn; ++r) {
+            const uint32_t c = unpack_id(keys_buf[r]);
+            out_scores[o + r] = v[pair_a[c]] + v[knn + pair_b[c]];
+            out_slots[o + r] = static_cast<int64_t>(id[pair_a[c]]) * K + id[knn + pair_b[c]];
+          }
+          if (out_sub)
+            for (int64_t r = 0; r < 2 * knn; ++r) out_sub[o * 2 + r] = id[r];
+        }
+      }
+    }
+  });
+  return {scores, slots, subkeys};
+}
+
+// Gradients of pkm_lookup's scores: score = q[:, h, 0] . keys[h, 0, i1] + q[:, h, 1] . keys[h, 1, i2].
+// Only the selected sub-keys receive gradient, so this costs O(N * H * knn * half), not O(N * H * K * half).
+std::tuple<Tensor, Tensor> pkm_lookup_backward(const Tensor& grad_scores, const Tensor& slots, const Tensor& q,
+                                               const Tensor& keys) {
+  check_float_contiguous(grad_scores, "grad_scores", 3);
+  check_float_contiguous(q, "q", 4);
+  check_float_contiguous(keys, "keys", 4);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.sizes() == grad_scores.sizes(),
+              "slots must be a contiguous int64 tensor shaped like grad_scores");
+  const int64_t N = q.size(0), H = q.size(1), half = q.size(3), K = keys.size(2), knn = slots.size(2);
+  Tensor grad_q = at::zeros_like(q);
+  Tensor grad_keys = at::zeros_like(keys);
+  const float* g = grad_scores.data_ptr<float>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  float* gq = grad_q.data_ptr<float>();
+  float* gk = grad_keys.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t r = 0; r < knn; ++r) {
+          const int64_t o = (n * H + h) * knn + r;
+          const float w = g[o];
+          const int64_t i1 = sl[o] / K, i2 = sl[o] % K;
+          float* d0 = gq + ((n * H + h) * 2 + 0) * half;
+          float* d1 = d0 + half;
+          const float* k0 = kp + ((h * 2 + 0) * K + i1) * half;
+          const float* k1 = kp + ((h * 2 + 1) * K + i2) * half;
+          for (int64_t d = 0; d < half; ++d) d0[d] += w * k0[d];
+          for (int64_t d = 0; d < half; ++d) d1[d] += w * k1[d];
+        }
+  });
+  // Each (head, half) owns its slice of grad_keys: no two threads write the same row.
+  at::parallel_for(0, H * 2, 1, [&](int64_t first, int64_t last) {
+    for (int64_t hp = first; hp < last; ++hp) {
+      const int64_t h = hp / 2, p = hp % 2;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* src = qp + ((n * H + h) * 2 + p) * half;
+        for (int64_t r = 0; r < knn; ++r) {
+          const int64_t o = (n * H + h) * knn + r;
+          const int64_t i = p == 0 ? sl[o] / K : sl[o] % K;
+          const float w = g[o];
+          float* dst = gk + (hp * K + i) * half;
+          for (int64_t d = 0; d < half; ++d) dst[d] += w * src[d];
+        }
+      }
+    }
+  });
+  return {grad_q, grad_keys};
+}
+
+// d(out[n]) / d(weights[n, r]) where out[n] = sum_r weights[n, r] * table[slots[n, r]]:
+// grad_weights[n, r] = grad_out[n] . table[slots[n, r]].
+Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const Tensor& slots) {
+  check_float_contiguous(grad_out, "grad_out", 2);
+  check_float_contiguous(table, "table", 2);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 &&
+                  slots.size(0) == grad_out.size(0),
+              "slots must be a contiguous int64 (N, reads) tensor");
+  const int64_t N = slots.size(0), R = slots.size(1), D = table.size(1);
+  TORCH_CHECK(grad_out.size(1) == D, "grad_out and table rows differ in size");
+  Tensor result = at::empty({N, R}, grad_out.options());
+  const float* go = grad_out.data_ptr<float>();
+  const float* tp = table.data_ptr<float>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  float* out = result.data_ptr<float>();
+  constexpr int64_t kAhead = 4;  // rows prefetched ahead: the reads are random over a large table
+  at::parallel_for(0, N, 8, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n) {
+      const float* x = go + n * D;
+      for (int64_t r = 0; r < R; ++r) {
+        if (r + kAhead < R) {
+          const char* ahead = reinterpret_cast<const char*>(tp + sl[n * R + r + kAhead] * D);
+          for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(ahead + b);
+        }
+        const float* row = tp + sl[n * R + r] * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += x[d] * row[d];
+        out[n * R + r] = acc;
+      }
+    }
+  });
+  return result;
+}
+
+// One lazy Adam step of the unique `rows` of weight (S, D): moments (S, 2, D) hold Adam's first and
+// second moments, step (S,) each row's step count; grads (R, D) the rows' summed gradients.
+// Same arithmetic as pkmlm.optim.RowAdam's torch path, in one read and one write of each row.
+void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, const Tensor& grads, double lr,
+               double beta1, double beta2, double eps) {
+  check_float_contiguous(weight, "weight", 2);
+  check_float_contiguous(moments, "moments", 3);
+  check_float_contiguous(grads, "grads", 2);
+  TORCH_CHECK(step.scalar_type() == at::kLong && step.is_contiguous(), "step must be contiguous int64");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 (R,)");
+  const int64_t R = rows.size(0), D = weight.size(1);
+  TORCH_CHECK(grads.size(0) == R && grads.size(1) == D && moments.size(0) == weight.size(0) &&
+                  moments.size(1) == 2 && moments.size(2) == D && step.numel() == weight.size(0),
+              "weight, moments, step, rows and grads do not match");
+  float* w = weight.data_ptr<float>();
+  float* m = moments.data_ptr<float>();
+  int64_t* st = step.data_ptr<int64_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const float* gp = grads.data_ptr<float>();
+  const float one_minus_beta1 = static_cast<float>(1 - beta1), b2 = static_cast<float>(beta2),
+              one_minus_beta2 = static_cast<float>(1 - beta2), epsf = static_cast<float>(eps);
+  at::parallel_for(0, R, 64, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t r = rp[i];
+      if (i + 1 < last) {  // the next row's weights and moments: sorted but far apart
+        const char* nw = reinterpret_cast<const char*>(w + rp[i + 1] * D);
+        const char* nm = reinterpret_cast<const char*>(m + rp[i + 1] * 2 * D);
+        for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(nw + b, 1);
+        for (int64_t b = 0; b < D * 8; b += 64) __builtin_prefetch(nm + b, 1);
+      }
+      const int64_t t = ++st[r];
+      const float step_size = static_cast<float>(lr / (1 - std::pow(beta1, static_cast<double>(t))));
+      const float bias2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, static_cast<double>(t))));
+      float* wr = w + r * D;
+      float* mr = m + r * 2 * D;
+      float* vr = mr + D;
+      const float* g = gp + i * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float mean = mr[d] + one_minus_beta1 * (g[d] - mr[d]);
+        const float var = vr[d] * b2 + one_minus_beta2 * g[d] * g[d];
+        mr[d] = mean;
+        vr[d] = var;
+        wr[d] -= mean / (std::sqrt(var) / bias2_sqrt + epsf) * step_size;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pkmlm, m) {
+  m.def("pkm_lookup(Tensor q, Tensor keys, int knn, bool with_subkeys) -> (Tensor, Tensor, Tensor)");
+  m.def("pkm_lookup_backward(Tensor grad_scores, Tensor slots, Tensor q, Tensor keys) -> (Tensor, Tensor)");
+  m.def("bag_weights_backward(Tensor grad_out, Tensor table, Tensor slots) -> Tensor");
+  m.def("row_adam_(Tensor(a!) weight, Tensor(b!) moments, Tensor(c!) step, Tensor rows, Tensor grads, float lr, "
+        "float beta1, float beta2, float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pkmlm, CPU, m) {
+  m.impl("pkm_lookup", &pkm_lookup);
+  m.impl("pkm_lookup_backward", &pkm_lookup_backward);
+  m.impl("bag_weights_backward", &bag_weights_backward);
+  m.impl("row_adam_", &row_adam_);
+}

@@ -1,0 +1,83 @@
+"""Compiled CPU kernels for the memory layer and RowAdam (source: pkmlm/csrc/pkm_cpu.cpp).
+
+On the CPU, torch's generic ops spend most of a memory layer's time on full memory passes: `topk`
+over every sub-key score, the dense (N, heads, 2, n_keys) gradient of those scores, and Adam's seven
+passes over each touched value row. The kernels do the same arithmetic with far less traffic (see
+docs/benchmarks.md). They are built on first use with `torch.utils.cpp_extension` (a C++ compiler
+and ninja; about 15 s, once per machine, cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`).
+
+Everything else — other devices, other dtypes, or when the kernels cannot be built or are switched
+off — runs pkmlm's pure-torch code, with the same results up to float rounding and the order of
+tied scores. Switch: environment variable `PKMLM_CPU_KERNELS`: "1" (default) builds and uses them,
+falling back with a warning if the build fails; "0" never uses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ENV_VAR = "PKMLM_CPU_KERNELS"
+SOURCE = Path(__file__).parent / "csrc" / "pkm_cpu.cpp"
+# -march=native: the kernels are built on the machine that runs them; the CPU's flags go into the
+# extension's name so that machines sharing a home directory never load each other's build.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+_build: dict[str, object] = {}  # "ok": bool, once a build was attempted in this process
+
+
+def enabled() -> bool:
+    """Whether `PKMLM_CPU_KERNELS` allows the kernels ("1", the default) or not ("0")."""
+    value = os.environ.get(ENV_VAR, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_VAR} must be '1' (use the compiled CPU kernels, the default) or '0' "
+                         f"(pure torch), got {value!r}")
+    return value == "1"
+
+
+def available() -> bool:
+    """True when the kernels are enabled and built (building them on the first call)."""
+    if not enabled():
+        return False
+    if "ok" not in _build:
+        _build["ok"] = _load()
+    return bool(_build["ok"])
+
+
+def usable(*tensors: Tensor) -> bool:
+    """True when every tensor is a float32 CPU tensor and the kernels are available."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+def _load() -> bool:
+    if hasattr(torch.ops, "pkmlm") and hasattr(torch.ops.pkmlm, "pkm_lookup"):
+        return True  # registered already (e.g. by a test that built it under another name)
+    from torch.utils import cpp_extension
+
+    name = "pkmlm_cpu_" + _machine_digest()
+    try:
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False,
+                           verbose=False)
+    except Exception as e:  # no compiler, no ninja, unsupported flags: all mean "use torch"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"pkmlm: could not build the compiled CPU kernels ({first_line}); using the slower "
+                      f"pure-torch code. Install a C++ compiler and ninja, or set {ENV_VAR}=0 to silence this.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _machine_digest() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        cpu += platform.processor()
+    return hashlib.sha1((cpu + " ".join(CFLAGS)).encode()).hexdigest()[:12]
