@@ -1,0 +1,412 @@
+"""The compiled CPU kernels (pkmlm.kernels, pkmlm/csrc/pkm_cpu.cpp) against pkmlm's pure-torch code.
+
+Each kernel test runs the same computation twice, PKMLM_CPU_KERNELS=1 (kernel) and =0 (torch), on
+identical inputs, and checks that the kernel really ran (and the torch path did not call it). Kernel
+tests skip when the kernels cannot be built; the env-var and build-failure tests always run.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from pkmlm import kernels
+from pkmlm import memory as memory_mod
+from pkmlm.memory import ProductKeyMemory, _bag_weights_grad
+from pkmlm.optim import RowAdam
+
+OPS = ("pkm_lookup", "pkm_lookup_backward", "bag_weights_backward", "row_adam_")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls of each torch.ops.pkmlm op (wrapping the real ones); skips if not built."""
+    monkeypatch.setenv(kernels.ENV_VAR, "1")
+    if not kernels.available():
+        pytest.skip("compiled CPU kernels not available (no compiler?)")
+    calls = {name: 0 for name in OPS}
+    for name in OPS:
+        real = getattr(torch.ops.pkmlm, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(torch.ops.pkmlm, name, counted)
+    return calls
+
+
+def run(monkeypatch, use_kernels: bool, fn):
+    monkeypatch.setenv(kernels.ENV_VAR, "1" if use_kernels else "0")
+    try:
+        return fn()
+    finally:
+        monkeypatch.setenv(kernels.ENV_VAR, "1")
+
+
+def slot_scores(mem, q, slots):
+    """Score of each given slot, computed from its two sub-keys in float64: (N, heads, R)."""
+    n, half, k = q.shape[0], mem.k_dim // 2, mem.n_keys
+    q4 = q.detach().double().view(n, mem.heads, 2, half)
+    keys = mem.keys.detach().double()  # (heads, 2, n_keys, half)
+    heads = torch.arange(mem.heads).view(1, -1, 1)
+    k1 = keys[:, 0][heads, slots // k]  # (N, heads, R, half)
+    k2 = keys[:, 1][heads, slots % k]
+    return (k1 * q4[:, :, 0, None]).sum(-1) + (k2 * q4[:, :, 1, None]).sum(-1)
+
+
+def assert_same_topk(mem, q, scores_k, idx_k, scores_t, idx_t):
+    """Kernel (scores_k, idx_k) vs torch (scores_t, idx_t): equal up to float rounding and ties."""
+    assert idx_k.dtype == torch.long and idx_k.shape == idx_t.shape == scores_k.shape
+    torch.testing.assert_close(scores_k, scores_t, atol=1e-5, rtol=1e-5)
+    # The returned scores are the returned slots' scores, sorted, and no slot is returned twice.
+    torch.testing.assert_close(slot_scores(mem, q, idx_k).float(), scores_k, atol=1e-5, rtol=1e-5)
+    assert (scores_k[..., :-1] >= scores_k[..., 1:]).all()
+    assert (idx_k >= 0).all() and (idx_k < mem.n_keys**2).all()
+    s = idx_k.sort(-1).values
+    assert (s[..., 1:] != s[..., :-1]).all()
+    # Indices equal except at (near-)ties, where the two slots must score the same.
+    diff = idx_k != idx_t
+    if diff.any():
+        a, b = slot_scores(mem, q, idx_k)[diff], slot_scores(mem, q, idx_t)[diff]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert diff.float().mean() < 0.01  # random inputs: ties practically absent
+
+
+# (n_keys, heads, knn, k_dim, N): knn == n_keys, knn = 1, n_keys not a power of two, N = 1, N not a
+# multiple of the kernel's token block (64, or fewer tokens per block for large heads * n_keys).
+LOOKUP_CASES = [
+    (8, 1, 8, 4, 1),
+    (8, 2, 8, 6, 70),
+    (10, 2, 1, 6, 65),
+    (37, 3, 5, 16, 130),
+    (64, 4, 32, 8, 200),
+    (100, 2, 16, 32, 1),
+    (300, 1, 300, 4, 33),
+    (2000, 4, 7, 8, 45),  # block of 32 tokens: 2 blocks, the last partial
+]
+
+
+@pytest.mark.parametrize("n_keys,heads,knn,k_dim,n", LOOKUP_CASES)
+def test_lookup_kernel_matches_torch(monkeypatch, kernel_calls, n_keys, heads, knn, k_dim, n):
+    torch.manual_seed(n_keys * 7 + knn + n)
+    mem = ProductKeyMemory(6, 6, n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim)
+    q = torch.randn(n, heads, k_dim)
+    with torch.no_grad():
+        scores_k, idx_k = run(monkeypatch, True, lambda: mem.lookup(q))
+        assert kernel_calls["pkm_lookup"] == 1
+        scores_t, idx_t = run(monkeypatch, False, lambda: mem.lookup(q))
+        assert kernel_calls["pkm_lookup"] == 1
+    assert scores_k.shape == (n, heads, knn) and scores_k.dtype == torch.float32
+    assert_same_topk(mem, q, scores_k, idx_k, scores_t, idx_t)
+    if n_keys <= 100:  # and both are the exact top-knn of all n_keys**2 slots
+        full = slot_scores(mem, q, torch.arange(n_keys**2).expand(n, heads, -1))
+        torch.testing.assert_close(scores_k, full.topk(knn, dim=-1).values.float(), atol=1e-5, rtol=1e-5)
+
+    # Sub-key ids: each half's top-knn sub-keys, sorted by decreasing half score.
+    with torch.no_grad():
+        sk, ik, sub_k = run(monkeypatch, True, lambda: mem._search(q, with_subkeys=True))
+        _, _, sub_t = run(monkeypatch, False, lambda: mem._search(q, with_subkeys=True))
+        _, _, none = run(monkeypatch, True, lambda: mem._search(q, with_subkeys=False))
+    assert kernel_calls["pkm_lookup"] == 3
+    assert none is None
+    assert torch.equal(sk, scores_k) and torch.equal(ik, idx_k)  # same call, same answer
+    assert sub_k.shape == (n, heads, 2, knn) and sub_k.dtype == torch.long
+    assert torch.equal(sub_k, sub_t)
+
+
+def test_lookup_kernel_with_noncontiguous_query(monkeypatch, kernel_calls):
+    torch.manual_seed(3)
+    mem = ProductKeyMemory(6, 6, n_keys=24, heads=3, knn=6, k_dim=10)
+    q = torch.randn(3, 10, 40).permute(2, 0, 1)  # (40, 3, 10), not contiguous
+    with torch.no_grad():
+        scores_k, idx_k = run(monkeypatch, True, lambda: mem.lookup(q))
+        scores_t, idx_t = run(monkeypatch, False, lambda: mem.lookup(q))
+    assert kernel_calls["pkm_lookup"] == 1
+    assert_same_topk(mem, q, scores_k, idx_k, scores_t, idx_t)
+
+
+@pytest.mark.parametrize("n_keys,heads,knn,k_dim,n", [(8, 2, 8, 6, 9), (37, 3, 5, 16, 130), (64, 2, 16, 8, 70)])
+def test_search_gradients_kernel_matches_torch(monkeypatch, kernel_calls, n_keys, heads, knn, k_dim, n):
+    torch.manual_seed(n_keys + n)
+    mem = ProductKeyMemory(6, 6, n_keys=n_keys, heads=heads, knn=knn, k_dim=k_dim)
+    q0 = torch.randn(n, heads, k_dim)
+    w = torch.randn(n, heads, knn)
+
+    def grads():
+        mem.zero_grad(set_to_none=True)
+        q = q0.clone().requires_grad_(True)
+        scores, idx, _ = mem._search(q)
+        (scores * w).sum().backward()
+        return q.grad, mem.keys.grad.clone(), idx
+
+    gq_k, gk_k, idx_k = run(monkeypatch, True, grads)
+    assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["pkm_lookup_backward"] == 1
+    gq_t, gk_t, idx_t = run(monkeypatch, False, grads)
+    assert kernel_calls["pkm_lookup_backward"] == 1
+    assert torch.equal(idx_k, idx_t)  # else the gradients are of different functions
+    assert gq_k.shape == q0.shape and gk_k.shape == mem.keys.shape
+    assert gk_k.abs().sum() > 0 and (gk_k == 0).any() == (gk_t == 0).any()
+    torch.testing.assert_close(gq_k, gq_t, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gk_k, gk_t, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_forward_backward_kernel_matches_torch(monkeypatch, kernel_calls):
+    torch.manual_seed(0)
+    mem_k = ProductKeyMemory(16, 12, n_keys=20, heads=3, knn=6, k_dim=12, v_dim=10,
+                             query_batchnorm=True, sparse=True)
+    mem_t = copy.deepcopy(mem_k)
+    x = torch.randn(3, 23, 16)
+    w = torch.randn(3, 23, 12)
+
+    def step(mem):
+        out = mem(x)
+        (out * w).sum().backward()
+        return out
+
+    out_k = run(monkeypatch, True, lambda: step(mem_k))
+    assert {name: kernel_calls[name] for name in OPS} == {
+        "pkm_lookup": 1, "pkm_lookup_backward": 1, "bag_weights_backward": 1, "row_adam_": 0}
+    out_t = run(monkeypatch, False, lambda: step(mem_t))
+    assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["bag_weights_backward"] == 1
+    torch.testing.assert_close(out_k, out_t, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mem_k.query_norm.running_mean, mem_t.query_norm.running_mean)
+    torch.testing.assert_close(mem_k.query_norm.running_var, mem_t.query_norm.running_var)
+
+    params_t = dict(mem_t.named_parameters())
+    names = set()
+    for name, p_k in mem_k.named_parameters():
+        g_k, g_t = p_k.grad, params_t[name].grad
+        assert g_k is not None and g_t is not None, name
+        names.add(name)
+        assert g_k.is_sparse == g_t.is_sparse, name
+        if g_k.is_sparse:
+            assert name == "values.weight"
+            g_k, g_t = g_k.to_dense(), g_t.to_dense()
+        assert g_k.abs().sum() > 0, name
+        torch.testing.assert_close(g_k, g_t, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert {"query_proj.weight", "query_norm.weight", "query_norm.bias", "keys", "values.weight",
+            "out_proj.weight", "out_proj.bias"} <= names
+
+
+@pytest.mark.parametrize("n,r,rows,dim", [(50, 12, 1000, 24), (7, 3, 40, 13), (1, 1, 5, 1), (130, 32, 300, 70)])
+def test_bag_weights_grad_kernel_matches_torch_and_reference(monkeypatch, kernel_calls, n, r, rows, dim):
+    torch.manual_seed(n + r + dim)
+    grad_out = torch.randn(n, dim)
+    table = torch.randn(rows, dim)
+    indices = torch.randint(0, rows, (n, r))
+    indices[0, 0] = rows - 1  # the last row, and repeated reads
+    if r > 1:
+        indices[-1, 1] = indices[-1, 0]
+    ref = (table.double()[indices] * grad_out.double()[:, None]).sum(-1)
+    got_k = run(monkeypatch, True, lambda: _bag_weights_grad(grad_out, table, indices))
+    assert kernel_calls["bag_weights_backward"] == 1
+    got_t = run(monkeypatch, False, lambda: _bag_weights_grad(grad_out, table, indices))
+    assert kernel_calls["bag_weights_backward"] == 1
+    assert got_k.shape == got_t.shape == (n, r) and got_k.dtype == got_t.dtype == torch.float32
+    torch.testing.assert_close(got_k, got_t, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_k.double(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_t.double(), ref, atol=1e-5, rtol=1e-4)
+
+    # A non-contiguous table (a column slice) takes the kernel too (it is made contiguous).
+    wide = torch.randn(rows, dim + 3)
+    view = wide[:, 2:dim + 2]
+    ref2 = (view.double()[indices] * grad_out.double()[:, None]).sum(-1)
+    torch.testing.assert_close(run(monkeypatch, True, lambda: _bag_weights_grad(grad_out, view, indices)).double(),
+                               ref2, atol=1e-5, rtol=1e-4)
+    assert kernel_calls["bag_weights_backward"] == 2
+
+
+def _row_adam_run(monkeypatch, use_kernels, start, steps, shape, lr=0.05, betas=(0.8, 0.95), eps=1e-6):
+    table = nn.Parameter(start.clone())
+    opt = RowAdam([table], lr=lr, betas=betas, eps=eps)
+
+    def go():
+        for rows, grads in steps:
+            # Uncoalesced: rows may repeat, their gradients add up.
+            table.grad = torch.sparse_coo_tensor(torch.tensor([rows]), grads, shape, check_invariants=True)
+            opt.step()
+    run(monkeypatch, use_kernels, go)
+    return table.detach(), opt.state[table]
+
+
+def _row_adam_steps(n_rows, row_shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    touched = [[0, 2, 2, 5, 9], [1, 2, 40], [0, 0, 0, 44], [2, 5, 1, 9, 9, 9], list(range(10, 30)) + [2], [2]]
+    steps = [(rows, torch.randn((len(rows),) + row_shape, generator=g) * 3) for rows in touched]
+    untouched = sorted(set(range(n_rows)) - {r for rows in touched for r in rows})
+    return steps, untouched
+
+
+def test_row_adam_kernel_matches_torch(monkeypatch, kernel_calls):
+    torch.manual_seed(1)
+    shape = (50, 19)
+    start = torch.randn(shape)
+    steps, untouched = _row_adam_steps(shape[0], shape[1:])
+    w_k, st_k = _row_adam_run(monkeypatch, True, start, steps, shape)
+    assert kernel_calls["row_adam_"] == len(steps)
+    w_t, st_t = _row_adam_run(monkeypatch, False, start, steps, shape)
+    assert kernel_calls["row_adam_"] == len(steps)
+    assert torch.equal(st_k["step"], st_t["step"])
+    assert st_k["step"][[0, 1, 2, 5, 9, 44]].tolist() == [2, 2, 5, 2, 2, 1]
+    torch.testing.assert_close(st_k["moments"], st_t["moments"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w_k, w_t, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(w_k[2], start[2])
+    # Untouched rows: weights bit-identical, state still zero.
+    assert torch.equal(w_k[untouched], start[untouched]) and torch.equal(w_t[untouched], start[untouched])
+    assert (st_k["moments"][untouched] == 0).all() and (st_k["step"][untouched] == 0).all()
+
+
+def test_row_adam_3d_param_takes_torch_path(monkeypatch, kernel_calls):
+    torch.manual_seed(2)
+    shape = (50, 4, 5)
+    start = torch.randn(shape)
+    steps, untouched = _row_adam_steps(shape[0], shape[1:], seed=1)
+    w3, st3 = _row_adam_run(monkeypatch, True, start, steps, shape)
+    assert kernel_calls["row_adam_"] == 0  # the kernel handles 2-D tables only
+    assert st3["moments"].shape == (50, 2, 4, 5)
+    # Same as the same rows flattened to a 2-D table, stepped by the kernel.
+    flat_steps = [(rows, g.flatten(1)) for rows, g in steps]
+    w2, st2 = _row_adam_run(monkeypatch, True, start.flatten(1), flat_steps, (50, 20))
+    assert kernel_calls["row_adam_"] == len(steps)
+    torch.testing.assert_close(w3.flatten(1), w2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(st3["moments"].flatten(2), st2["moments"], atol=1e-6, rtol=1e-5)
+    assert torch.equal(st3["step"], st2["step"])
+    assert torch.equal(w3[untouched], start[untouched])
+
+
+def test_row_adam_3d_param_without_kernels(monkeypatch):
+    """The torch path alone (runs without a compiler too): a 3-D table's rows step like a 2-D one's."""
+    torch.manual_seed(2)
+    shape = (50, 4, 5)
+    start = torch.randn(shape)
+    steps, untouched = _row_adam_steps(shape[0], shape[1:], seed=1)
+    w3, st3 = _row_adam_run(monkeypatch, False, start, steps, shape)
+    w2, st2 = _row_adam_run(monkeypatch, False, start.flatten(1), [(r, g.flatten(1)) for r, g in steps], (50, 20))
+    torch.testing.assert_close(w3.flatten(1), w2, atol=0, rtol=0)
+    assert torch.equal(st3["step"], st2["step"])
+    assert torch.equal(w3[untouched], start[untouched]) and not torch.equal(w3[2], start[2])
+
+
+# ---- switch and fallback: these run whether or not the kernels can be built --------------------------
+
+def test_env_var_switch(monkeypatch):
+    t = torch.zeros(3)
+    monkeypatch.setenv(kernels.ENV_VAR, "0")
+    assert kernels.enabled() is False
+    assert kernels.available() is False
+    assert kernels.usable(t) is False
+    for bad in ("yes", "", "true", " 1"):
+        monkeypatch.setenv(kernels.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=kernels.ENV_VAR):
+            kernels.enabled()
+        with pytest.raises(ValueError, match="PKMLM_CPU_KERNELS"):
+            kernels.usable(t)
+    monkeypatch.delenv(kernels.ENV_VAR)
+    assert kernels.enabled() is True  # the default
+    monkeypatch.setenv(kernels.ENV_VAR, "1")
+    assert kernels.enabled() is True
+    # Other dtypes or devices are never usable, whatever the build.
+    for other in (torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.bfloat16),
+                  torch.zeros(3, dtype=torch.float16), torch.zeros(3, device="meta")):
+        assert kernels.usable(other) is False
+        assert kernels.usable(t, other) is False
+    assert kernels.usable(t) is kernels.available()
+
+
+def test_env_var_zero_runs_torch_path(monkeypatch):
+    """With "0", no pkmlm op is called even where the kernels are registered."""
+    monkeypatch.setenv(kernels.ENV_VAR, "0")
+
+    def boom(*args):
+        raise AssertionError("kernel called with PKMLM_CPU_KERNELS=0")
+
+    ops = getattr(torch.ops, "pkmlm", None)
+    if ops is not None and hasattr(ops, "pkm_lookup"):
+        for name in OPS:
+            monkeypatch.setattr(ops, name, boom)
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(8, 8, n_keys=10, heads=2, knn=4, k_dim=6)
+    opt = RowAdam(mem.value_parameters(), lr=0.01)
+    mem(torch.randn(2, 5, 8)).sum().backward()
+    opt.step()
+    assert mem.keys.grad is not None and mem.values.weight.grad.is_sparse
+
+
+def test_float64_memory_runs_torch_path(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "1")
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(8, 8, n_keys=10, heads=2, knn=4, k_dim=6).double()
+    called = []
+    original = memory_mod._CompiledLookup.apply
+    monkeypatch.setattr(memory_mod._CompiledLookup, "apply", lambda *a: called.append(1) or original(*a))
+    out = mem(torch.randn(2, 5, 8, dtype=torch.float64))
+    out.sum().backward()
+    assert out.dtype == torch.float64 and not called
+
+
+class _TorchWithoutPkmlmOps:
+    """`torch` as kernels.py sees it, except that torch.ops has no pkmlm namespace (nothing registered)."""
+    ops = types.SimpleNamespace()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _failing_build(monkeypatch, message="no compiler"):
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def load(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(kernels, "torch", _TorchWithoutPkmlmOps())
+    return calls
+
+
+def test_load_falls_back_with_warning_when_build_fails(monkeypatch):
+    calls = _failing_build(monkeypatch, "no compiler\nsecond line")
+    with pytest.warns(RuntimeWarning, match="PKMLM_CPU_KERNELS") as record:
+        assert kernels._load() is False
+    assert len(calls) == 1
+    assert calls[0]["name"].startswith("pkmlm_cpu_") and calls[0]["sources"] == [str(kernels.SOURCE)]
+    message = str(record[0].message)
+    assert "no compiler" in message and "second line" not in message
+
+
+def test_load_warning_for_empty_error_message(monkeypatch):
+    _failing_build(monkeypatch, "")
+    with pytest.warns(RuntimeWarning, match="RuntimeError"):
+        assert kernels._load() is False
+
+
+def test_failed_build_is_cached_and_memory_uses_torch(monkeypatch):
+    calls = _failing_build(monkeypatch)
+    monkeypatch.setattr(kernels, "_build", {})
+    monkeypatch.setenv(kernels.ENV_VAR, "1")
+    with pytest.warns(RuntimeWarning, match="PKMLM_CPU_KERNELS"):
+        assert kernels.available() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, built (tried) once
+        assert kernels.available() is False
+        assert kernels.usable(torch.zeros(2)) is False
+        torch.manual_seed(0)
+        mem = ProductKeyMemory(8, 8, n_keys=10, heads=2, knn=4, k_dim=6)
+        q = torch.randn(5, 2, 6)
+        with torch.no_grad():
+            scores, idx = mem.lookup(q)
+    assert len(calls) == 1 and kernels._build == {"ok": False}
+    full = slot_scores(mem, q, torch.arange(100).expand(5, 2, -1))
+    torch.testing.assert_close(scores, full.topk(4, dim=-1).values.float())
+    # "0" never tries to build.
+    monkeypatch.setattr(kernels, "_build", {})
+    monkeypatch.setenv(kernels.ENV_VAR, "0")
+    assert kernels.available() is False and kernels._build == {} and len(calls) == 1
