@@ -19,6 +19,7 @@ from pkmlm.config import ConfigError, load_config
 from pkmlm.data import DataError
 from pkmlm.distributed import PREEMPTED_EXIT_CODE, DistributedError, detect_env
 from pkmlm.init_from import InitFromError
+from pkmlm.kernels import retain_freed_memory
 from pkmlm.trainer import TrainingError, train
 
 
@@ -55,4 +56,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # CPU speed: see pkmlm.kernels
     sys.exit(main())

@@ -27,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from pkmlm.kernels import available as kernels_available, retain_freed_memory
 from pkmlm.memory import ProductKeyMemory
 from pkmlm.optim import RowAdam, make_optimizers
 
@@ -105,9 +106,12 @@ def main() -> None:
     if args.repeats < 1 or any(n < KNN for n in args.sizes):
         parser.error(f"--repeats must be >= 1 and every size >= knn ({KNN})")
 
+    retained = retain_freed_memory()  # as train.py does; applies to every layer timed here alike
     torch.manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load {load:.2f}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load {load:.2f}, "
+          f"compiled CPU kernels: {'yes' if kernels_available() else 'no'}, freed memory retained: "
+          f"{'yes' if retained else 'no'}")
     x = torch.randn(BATCH, SEQ, DIM)
     ffn_fwd, ffn_step = time_layer(*dense_ffn(), x, args.repeats)
     print(f"dense FFN 256->1024->256: forward {ffn_fwd:.1f} ms, step {ffn_step:.1f} ms\n")

@@ -1,4 +1,5 @@
-"""Compiled CPU kernels for the memory layer and RowAdam (source: pkmlm/csrc/pkm_cpu.cpp).
+"""CPU speed: compiled kernels for the memory layer and RowAdam (source: pkmlm/csrc/pkm_cpu.cpp), and
+the allocator setting the entry points apply (`retain_freed_memory`).
 
 On the CPU, torch's generic ops spend most of a memory layer's time on full memory passes: `topk`
 over every sub-key score, the dense (N, heads, 2, n_keys) gradient of those scores, and Adam's seven
@@ -14,6 +15,8 @@ falling back with a warning if the build fails; "0" never uses them.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import platform
@@ -81,3 +84,25 @@ def _machine_digest() -> str:
     except OSError:
         cpu += platform.processor()
     return hashlib.sha1((cpu + " ".join(CFLAGS)).encode()).hexdigest()[:12]
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc serves every block above 32 MB with its own mmap and unmaps it when freed, so a
+    tensor of that size allocated each step (a memory layer's row-sparse value gradient is 238 MB at
+    1M slots) is page-faulted in afresh every step: measured here, ~90k page faults and ~0.3 s of
+    kernel time per step, a third of the step. With mmap off and trimming off, freed blocks stay in
+    the heap and the next step reuses them; the process's memory stays at its peak, as with jemalloc
+    or tcmalloc (which PyTorch's CPU tuning guide recommends preloading). train.py, evaluate.py and
+    the benchmarks call this at start. Returns False (and changes nothing) where glibc is absent.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not libc_name:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name)
+        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # another libc (musl) has no mallopt
+        return False

@@ -193,7 +193,8 @@ class ProductKeyMemory(nn.Module):
         if self.usage_counts is not None:
             self._accumulate_usage(indices, weights, subkeys)
         n, table = indices.shape[0], self.values.weight
-        indices, weights = indices.reshape(n, -1), weights.reshape(n, -1).to(table.dtype)
+        reads = self.heads * self.knn  # explicit: n may be 0 (every token masked)
+        indices, weights = indices.reshape(n, reads), weights.reshape(n, reads).to(table.dtype)
         if self.values.sparse:
             out = _SparseValueRead.apply(table, indices, weights)
         else:

@@ -101,6 +101,17 @@ def test_masked_batchnorm_uses_only_real_tokens():
     assert q.shape == (21, 2, 8) and (q[~mask.reshape(-1)] == 0).all()
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_fully_masked_batch_gives_zeros_and_gradients(training):
+    torch.manual_seed(0)
+    mem = small().train(training)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    out = mem(x, torch.zeros(2, 3, dtype=torch.bool))
+    assert out.shape == (2, 3, 10) and (out == 0).all()
+    out.sum().backward()
+    assert (x.grad == 0).all()
+
+
 def test_batched_and_flat_inputs_agree():
     torch.manual_seed(0)
     mem = small()

@@ -41,32 +41,75 @@ inline uint64_t pack(float value, uint32_t id) {
 }
 inline uint32_t unpack_id(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key); }
 
-// Keeps the k largest of keys[0..count) in keys[0..k), sorted in decreasing order.
-inline void top_keys(uint64_t* keys, int64_t count, int64_t k) {
-  if (count > k) std::nth_element(keys, keys + k - 1, keys + count, std::greater<uint64_t>());
-  std::sort(keys, keys + k, std::greater<uint64_t>());
+// Compare-exchange without a branch (compiled to conditional moves): afterwards x >= y.
+inline void compare_exchange(uint64_t& x, uint64_t& y) {
+  const uint64_t a = x, b = y;
+  x = a > b ? a : b;
+  y = a > b ? b : a;
 }
 
-// Top-k of s[0..n) as packed keys (value, index) in keys[0..k), decreasing; keys holds n entries.
-// Only scores >= a cheap lower bound of the k-th largest are ranked: the smallest of the maxima of
-// k disjoint groups (group j = s[j], s[j + k], ...), each of which holds a score that large. For
-// random scores that keeps about a tenth of n = 1024.
-void topk_sorted(const float* s, int64_t n, int64_t k, float* group_max, uint64_t* keys) {
-  std::copy(s, s + k, group_max);
-  for (int64_t i = k; i + k <= n; i += k)
-    for (int64_t j = 0; j < k; ++j) group_max[j] = s[i + j] > group_max[j] ? s[i + j] : group_max[j];
-  float bound = group_max[0];
-  for (int64_t j = 1; j < k; ++j) bound = group_max[j] < bound ? group_max[j] : bound;
+// Sorts a[0..n), n a power of two, in decreasing order with a bitonic network: n/2 * log2(n) *
+// (log2(n) + 1) / 2 compare-exchanges and no data-dependent branch, where std::sort mispredicts
+// about every other comparison of random keys.
+void bitonic_sort(uint64_t* a, int64_t n) {
+  for (int64_t size = 2; size <= n; size *= 2)
+    for (int64_t stride = size / 2; stride > 0; stride /= 2)
+      for (int64_t base = 0; base < n; base += 2 * stride)
+        for (int64_t i = base; i < base + stride; ++i) {
+          if ((i & size) == 0) compare_exchange(a[i], a[i + stride]);
+          else compare_exchange(a[i + stride], a[i]);
+        }
+}
+
+// a, b sorted decreasing (n each, a power of two) -> a holds the n largest of both, sorted.
+void merge_top(uint64_t* a, const uint64_t* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] > b[n - 1 - i] ? a[i] : b[n - 1 - i];  // now bitonic
+  for (int64_t stride = n / 2; stride > 0; stride /= 2)
+    for (int64_t base = 0; base < n; base += 2 * stride)
+      for (int64_t i = base; i < base + stride; ++i) compare_exchange(a[i], a[i + stride]);
+}
+
+// Keeps the k largest of keys[0..count) (count >= k) in keys[0..k), sorted in decreasing order.
+// keys must have room for max(count, 2 * width) entries, width = the power of two >= k; the
+// padding key 0 sorts below every real key.
+void top_keys(uint64_t* keys, int64_t count, int64_t k, int64_t width) {
+  if (count > 2 * width) {
+    std::nth_element(keys, keys + width - 1, keys + count, std::greater<uint64_t>());
+    count = width;
+  }
+  std::fill(keys + count, keys + 2 * width, uint64_t{0});
+  bitonic_sort(keys, width);
+  if (count > width) {
+    bitonic_sort(keys + width, width);
+    merge_top(keys, keys + width, width);
+  }
+}
+
+// Top-k of s[0..n) as packed keys (value, index) in keys[0..k), decreasing.
+// The scores are split into G = min(n, 4k) strided groups (group j holds s[j], s[j + G], ...). The
+// top-k scores lie in the k groups with the largest maxima (a score outside them is beaten by k
+// group maxima), and none is below the k-th largest group maximum. So only those k groups are
+// scanned, against that bound: about 1.3k scores instead of n. group_keys has room for G entries,
+// keys for max(G, 2 * width) (see top_keys).
+void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, float* group_max, uint64_t* group_keys,
+                 uint64_t* keys) {
+  const int64_t G = std::min(n, 4 * k);
+  std::copy(s, s + G, group_max);
+  for (int64_t i = G; i < n; i += G) {
+    const int64_t m = std::min(G, n - i);
+    for (int64_t j = 0; j < m; ++j) group_max[j] = s[i + j] > group_max[j] ? s[i + j] : group_max[j];
+  }
+  for (int64_t j = 0; j < G; ++j) group_keys[j] = pack(group_max[j], static_cast<uint32_t>(j));
+  std::nth_element(group_keys, group_keys + k - 1, group_keys + G, std::greater<uint64_t>());
+  const uint64_t bound = group_keys[k - 1] >> 32;  // its value part: ties with it stay in
   int64_t count = 0;
-  for (int64_t j = 0; j < n; ++j) {  // branch-free compaction
-    keys[count] = pack(s[j], static_cast<uint32_t>(j));
-    count += s[j] >= bound;
-  }
-  if (count < k) {  // only with NaN scores, which compare false
-    for (int64_t j = 0; j < n; ++j) keys[j] = pack(s[j], static_cast<uint32_t>(j));
-    count = n;
-  }
-  top_keys(keys, count, k);
+  for (int64_t g = 0; g < k; ++g)
+    for (int64_t j = unpack_id(group_keys[g]); j < n; j += G) {  // branch-free compaction
+      const uint64_t key = pack(s[j], static_cast<uint32_t>(j));
+      keys[count] = key;
+      count += (key >> 32) >= bound;
+    }
+  top_keys(keys, count, k, width);
 }
 
 void check_float_contiguous(const Tensor& t, const char* name, int64_t dim) {
@@ -102,9 +145,12 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
   const int64_t n_blocks = (N + block - 1) / block;
   at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
     Tensor buf = at::empty({H, 2, block, K}, q.options());
-    std::vector<float> group_max(knn), v(2 * knn);
+    std::vector<float> group_max(4 * knn), v(2 * knn);
+    std::vector<uint64_t> group_keys(4 * knn);
     std::vector<int32_t> id(2 * knn);
-    std::vector<uint64_t> keys_buf(std::max<int64_t>(K, P));
+    int64_t width = 1;
+    while (width < knn) width *= 2;
+    std::vector<uint64_t> keys_buf(std::max({K, P, 2 * width}));
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t n0 = blk * block, nb = std::min(block, N - n0);
       for (int64_t h = 0; h < H; ++h)
@@ -118,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
         for (int64_t h = 0; h < H; ++h) {
           for (int64_t p = 0; p < 2; ++p) {
             const float* row = bp + ((h * 2 + p) * block + i) * K;
-            topk_sorted(row, K, knn, group_max.data(), keys_buf.data());
+            topk_sorted(row, K, knn, width, group_max.data(), group_keys.data(), keys_buf.data());
             for (int64_t r = 0; r < knn; ++r) {
               id[p * knn + r] = static_cast<int32_t>(unpack_id(keys_buf[r]));
               v[p * knn + r] = row[id[p * knn + r]];
@@ -138,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
             for (int64_t c = 0; c < P; ++c) keys_buf[c] = pack(v[pair_a[c]] + v[knn + pair_b[c]], static_cast<uint32_t>(c));
             count = P;
           }
-          top_keys(keys_buf.data(), count, knn);
+          top_keys(keys_buf.data(), count, knn, width);
           const int64_t o = (n * H + h) * knn;
           for (int64_t r = 0; r < knn; ++r) {
             const uint32_t c = unpack_id(keys_buf[r]);
