@@ -140,8 +140,9 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
   float* out_scores = scores.data_ptr<float>();
   int64_t* out_slots = slots.data_ptr<int64_t>();
   int64_t* out_sub = with_subkeys ? subkeys.data_ptr<int64_t>() : nullptr;
-  // Tokens per block: their (H, 2, block, K) half scores (1 MB at H=4, K=1024) stay in cache.
-  const int64_t block = std::max<int64_t>(8, std::min<int64_t>(64, (1 << 18) / std::max<int64_t>(1, H * 2 * K)));
+  // Tokens per block: their (H, 2, block, K) half scores (2 MB) stay in cache, and each matmul is
+  // large enough to run near peak (small blocks cost more in per-call overhead than they save).
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(256, (1 << 19) / std::max<int64_t>(1, H * 2 * K)));
   const int64_t n_blocks = (N + block - 1) / block;
   at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
     Tensor buf = at::empty({H, 2, block, K}, q.options());
