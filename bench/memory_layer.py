@@ -4,7 +4,7 @@
 
 Every layer maps 256 -> 256 on a batch of 8 x 256 tokens: memories with heads=4, knn=32, k_dim=256
 and query BatchNorm; the FFN is 256 -> 1024 -> 256. Two timings per layer, each the median of
-`--repeats` runs after one warm-up:
+`--repeats` runs after one warm-up (pkmlm and the package take turns in every round):
   forward: the training-mode forward, autograd recording (the first half of a training step);
   step:    zero_grad + forward + backward + optimizer step(s), loss = mean of the squared output.
 pkmlm's values use its sparse RowAdam (lr 1e-3), everything else Adam. The package (optional, v0.3.0,
@@ -15,6 +15,10 @@ since its BatchNorm option crashes in that version)
 and trained with its recommended parameter groups (`fetch_optimizer_parameters`: Adam, values at
 lr 1e-2, dense). A last table times the value-table update alone: torch.optim.SparseAdam vs RowAdam
 on the same sparse gradient.
+
+Like train.py, the bench first calls pkmlm.kernels.retain_freed_memory(), which applies to every
+layer timed here; pkmlm's compiled CPU kernels are used unless PKMLM_CPU_KERNELS=0 (the header line
+says which).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ DIM, HEADS, KNN, K_DIM, BATCH, SEQ = 256, 4, 32, 256, 8, 256
 
 
 def median_ms(fn, repeats: int) -> float:
+    """Median wall time of fn in ms over `repeats` runs after one warm-up."""
     fn()  # warm-up: allocations, optimizer state
     times = []
     for _ in range(repeats):
@@ -44,19 +49,32 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def time_layer(layer: nn.Module, step_optimizers, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(forward ms, training step ms) of `layer` on x; step_optimizers: callables zero_grad/step."""
-    zero_grad, step = step_optimizers
+def time_layers(layers: list, x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
+    """(forward ms, training step ms) of each (layer, (zero_grad, step)) on x, medians of `repeats`.
 
-    def forward():
+    The layers take turns within every round, so a change in the machine's load hits them alike.
+    """
+    def forward(layer):
         layer(x)
 
-    def train_step():
+    def train_step(layer, zero_grad, step):
         zero_grad()
         layer(x).pow(2).mean().backward()
         step()
 
-    return median_ms(forward, repeats), median_ms(train_step, repeats)
+    runs = [(lambda layer=layer: forward(layer), lambda layer=layer, o=opts: train_step(layer, *o))
+            for layer, opts in layers]
+    for fwd, step in runs:  # warm-up: allocations, optimizer state
+        fwd()
+        step()
+    times = [([], []) for _ in runs]
+    for _ in range(repeats):
+        for (fwd, step), (fwd_times, step_times) in zip(runs, times):
+            for fn, into in ((fwd, fwd_times), (step, step_times)):
+                start = time.perf_counter()
+                fn()
+                into.append(time.perf_counter() - start)
+    return [(1000 * statistics.median(f), 1000 * statistics.median(s)) for f, s in times]
 
 
 def ours(n_keys: int) -> tuple[nn.Module, tuple]:
@@ -113,18 +131,18 @@ def main() -> None:
           f"compiled CPU kernels: {'yes' if kernels_available() else 'no'}, freed memory retained: "
           f"{'yes' if retained else 'no'}")
     x = torch.randn(BATCH, SEQ, DIM)
-    ffn_fwd, ffn_step = time_layer(*dense_ffn(), x, args.repeats)
+    [(ffn_fwd, ffn_step)] = time_layers([dense_ffn()], x, args.repeats)
     print(f"dense FFN 256->1024->256: forward {ffn_fwd:.1f} ms, step {ffn_step:.1f} ms\n")
 
     print("| slots | pkmlm fwd ms | package fwd ms | fwd ratio | pkmlm step ms | package step ms | step ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n_keys in args.sizes:
-        fwd, step = time_layer(*ours(n_keys), x, args.repeats)
         pypi = pypi_package(n_keys)
         if pypi is None:
+            [(fwd, step)] = time_layers([ours(n_keys)], x, args.repeats)
             print(f"| {n_keys**2:,} | {fwd:.1f} | - | - | {step:.1f} | - | - |", flush=True)
             continue
-        p_fwd, p_step = time_layer(*pypi, x, args.repeats)
+        (fwd, step), (p_fwd, p_step) = time_layers([ours(n_keys), pypi], x, args.repeats)
         del pypi
         print(f"| {n_keys**2:,} | {fwd:.1f} | {p_fwd:.1f} | {fwd / p_fwd:.2f} | {step:.1f} | "
               f"{p_step:.1f} | {step / p_step:.2f} |", flush=True)
