@@ -1,8 +1,8 @@
 // CPU kernels for pkmlm's product-key memory layer and its row-wise Adam.
 //
-// Registered as torch.ops.pkmlm.*; built on first use by pkmlm/kernels.py, which also holds the
-// pure-torch versions used on other devices or when no compiler is available. Every kernel here has
-// the same arithmetic as its torch counterpart; tests compare the two.
+// Registered as torch.ops.pkmlm.*; built on first use by pkmlm/kernels.py. Each kernel has a
+// pure-torch twin in pkmlm/memory.py or pkmlm/optim.py (used on other devices, other dtypes, or when
+// no compiler is available) with the same arithmetic; tests/test_kernels.py compares the two.
 //
 // Why kernels: on the CPU, torch.topk over the n_keys sub-key scores, the (N, heads, 2, n_keys)
 // gradient of those scores, and Adam's seven passes over each touched value row are each a full
