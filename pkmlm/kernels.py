@@ -58,9 +58,14 @@ def usable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
 
+def _registered() -> bool:
+    """Whether this process already has the ops (torch.ops namespaces are created on first access)."""
+    return hasattr(torch.ops.pkmlm, "pkm_lookup")
+
+
 def _load() -> bool:
-    if hasattr(torch.ops, "pkmlm") and hasattr(torch.ops.pkmlm, "pkm_lookup"):
-        return True  # registered already (e.g. by a test that built it under another name)
+    if _registered():
+        return True
     from torch.utils import cpp_extension
 
     name = "pkmlm_cpu_" + _machine_digest()

@@ -8,7 +8,6 @@ tests skip when the kernels cannot be built; the env-var and build-failure tests
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 
 import pytest
@@ -350,14 +349,6 @@ def test_float64_memory_runs_torch_path(monkeypatch):
     assert out.dtype == torch.float64 and not called
 
 
-class _TorchWithoutPkmlmOps:
-    """`torch` as kernels.py sees it, except that torch.ops has no pkmlm namespace (nothing registered)."""
-    ops = types.SimpleNamespace()
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
 def _failing_build(monkeypatch, message="no compiler"):
     from torch.utils import cpp_extension
 
@@ -368,7 +359,7 @@ def _failing_build(monkeypatch, message="no compiler"):
         raise RuntimeError(message)
 
     monkeypatch.setattr(cpp_extension, "load", load)
-    monkeypatch.setattr(kernels, "torch", _TorchWithoutPkmlmOps())
+    monkeypatch.setattr(kernels, "_registered", lambda: False)  # as in a process that never built them
     return calls
 
 
