@@ -196,7 +196,8 @@ class ProductKeyMemory(nn.Module):
         reads = self.heads * self.knn  # explicit: n may be 0 (every token masked)
         indices, weights = indices.reshape(n, reads), weights.reshape(n, reads).to(table.dtype)
         if self.values.sparse:
-            out = _SparseValueRead.apply(table, indices, weights)
+            # The table is read without autograd; _RowSparseGrad gives it its gradient.
+            out = _RowSparseGrad.apply(_weighted_read(table, indices, weights), table, indices, weights.detach())
         else:
             out = self.values(indices, per_sample_weights=weights)
         out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
@@ -294,7 +295,7 @@ class ProductKeyMemory(nn.Module):
 
 class _CompiledLookup(torch.autograd.Function):
     """ProductKeyMemory._search by the compiled CPU kernel: q (N, heads, k_dim), keys -> scores,
-    slots, sub-key ids (or an empty tensor). Its backward sends each score's gradient to the two
+    slots, sub-key ids (None unless with_subkeys). Its backward sends each score's gradient to the two
     sub-keys it came from and to the query halves, so only the selected sub-keys are touched.
     """
 
@@ -316,9 +317,9 @@ class _CompiledLookup(torch.autograd.Function):
         return grad_q.flatten(2), grad_keys, None, None
 
 
-class _SparseValueRead(torch.autograd.Function):
-    """out[n] = sum_r weights[n, r] * table[indices[n, r]]: (N, v_dim). The table's gradient is
-    row-sparse with one summed row per slot read.
+class _RowSparseGrad(torch.autograd.Function):
+    """Identity on the values read, (N, v_dim); its backward gives the table (rows, v_dim) a sparse
+    gradient holding one summed row per slot read.
 
     nn.EmbeddingBag(sparse=True) would instead emit one row per read (N * heads * knn rows: 67M floats
     for 2k tokens at heads=4, knn=32) and leave the summing to the optimizer's coalesce, which costs
@@ -327,37 +328,54 @@ class _SparseValueRead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table, indices, weights):
-        ctx.save_for_backward(table, indices, weights)
-        return F.embedding_bag(indices, table.detach(), per_sample_weights=weights.detach(), mode="sum")
+    def forward(ctx, out, table, indices, weights):
+        # indices, weights: (N, reads per token); table is an input only so that autograd routes
+        # its gradient here.
+        ctx.save_for_backward(indices, weights)
+        ctx.table_shape = table.shape
+        return out.view_as(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        table, indices, weights = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_weights = _bag_weights_grad(grad_out, table.detach(), indices) if ctx.needs_input_grad[2] else None
+        indices, weights = ctx.saved_tensors
         # int32 keys (slot ids < 2**31, checked in __init__) sort markedly faster on CPU than int64.
         slots, order = indices.reshape(-1).int().sort()
         rows, counts = torch.unique_consecutive(slots, return_counts=True)
         rows = rows.long()
         row_grads = F.embedding_bag(order // indices.shape[1], grad_out, counts.cumsum(0) - counts,
                                     mode="sum", per_sample_weights=weights.reshape(-1)[order])
-        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, table.shape,
+        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, ctx.table_shape,
                                              is_coalesced=True, check_invariants=False)
-        return grad_table, None, grad_weights.to(weights.dtype) if grad_weights is not None else None
+        return grad_out, grad_table, None, None
 
 
-def _bag_weights_grad(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
-    """grad_out (N, v_dim) . table[indices] (N, R, v_dim) -> (N, R): the read's gradient w.r.t. its weights."""
-    grad_out = grad_out.to(table.dtype)
-    if kernels.usable(grad_out, table):
-        return torch.ops.pkmlm.bag_weights_backward(grad_out, table.contiguous(), indices.contiguous())
-    # Elsewhere, torch's own EmbeddingBag backward, on a re-run of the (cheap) read.
-    with torch.enable_grad():
-        weights = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
-        out = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
-        return torch.autograd.grad(out, weights, grad_out)[0]
+class _CompiledWeightedRead(torch.autograd.Function):
+    """F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum") for a detached float32
+    CPU table, whose backward gets the weights' gradient (grad_out . table[indices[n, r]]) from the
+    compiled kernel: one parallel pass, where torch's per-sample-weights backward was ~3x slower.
+    """
+
+    @staticmethod
+    def forward(ctx, table, indices, weights):
+        ctx.save_for_backward(table, indices)
+        return F.embedding_bag(indices, table, per_sample_weights=weights.detach(), mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        table, indices = ctx.saved_tensors
+        grad_weights = torch.ops.pkmlm.bag_weights_backward(grad_out.contiguous(), table.contiguous(),
+                                                            indices.contiguous())
+        return None, None, grad_weights
+
+
+def _weighted_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """sum_r weights[n, r] * table[indices[n, r]]: (N, v_dim). Autograd reaches the weights, not the table."""
+    table = table.detach()
+    if kernels.usable(table, weights):
+        return _CompiledWeightedRead.apply(table, indices, weights)
+    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
 
 
 def _check_positive(**sizes) -> None:

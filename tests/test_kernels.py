@@ -16,7 +16,7 @@ from torch import nn
 
 from pkmlm import kernels
 from pkmlm import memory as memory_mod
-from pkmlm.memory import ProductKeyMemory, _bag_weights_grad
+from pkmlm.memory import ProductKeyMemory, _weighted_read
 from pkmlm.optim import RowAdam
 
 OPS = ("pkm_lookup", "pkm_lookup_backward", "bag_weights_backward", "row_adam_")
@@ -193,6 +193,12 @@ def test_memory_forward_backward_kernel_matches_torch(monkeypatch, kernel_calls)
             "out_proj.weight", "out_proj.bias"} <= names
 
 
+def weights_grad(grad_out, table, indices):
+    """The gradient a value read sends to its softmax weights, through pkmlm.memory._weighted_read."""
+    weights = torch.rand(indices.shape, requires_grad=True)
+    return torch.autograd.grad(_weighted_read(table, indices, weights), weights, grad_out)[0]
+
+
 @pytest.mark.parametrize("n,r,rows,dim", [(50, 12, 1000, 24), (7, 3, 40, 13), (1, 1, 5, 1), (130, 32, 300, 70)])
 def test_bag_weights_grad_kernel_matches_torch_and_reference(monkeypatch, kernel_calls, n, r, rows, dim):
     torch.manual_seed(n + r + dim)
@@ -203,9 +209,9 @@ def test_bag_weights_grad_kernel_matches_torch_and_reference(monkeypatch, kernel
     if r > 1:
         indices[-1, 1] = indices[-1, 0]
     ref = (table.double()[indices] * grad_out.double()[:, None]).sum(-1)
-    got_k = run(monkeypatch, True, lambda: _bag_weights_grad(grad_out, table, indices))
+    got_k = run(monkeypatch, True, lambda: weights_grad(grad_out, table, indices))
     assert kernel_calls["bag_weights_backward"] == 1
-    got_t = run(monkeypatch, False, lambda: _bag_weights_grad(grad_out, table, indices))
+    got_t = run(monkeypatch, False, lambda: weights_grad(grad_out, table, indices))
     assert kernel_calls["bag_weights_backward"] == 1
     assert got_k.shape == got_t.shape == (n, r) and got_k.dtype == got_t.dtype == torch.float32
     torch.testing.assert_close(got_k, got_t, atol=1e-5, rtol=1e-4)
@@ -216,7 +222,7 @@ def test_bag_weights_grad_kernel_matches_torch_and_reference(monkeypatch, kernel
     wide = torch.randn(rows, dim + 3)
     view = wide[:, 2:dim + 2]
     ref2 = (view.double()[indices] * grad_out.double()[:, None]).sum(-1)
-    torch.testing.assert_close(run(monkeypatch, True, lambda: _bag_weights_grad(grad_out, view, indices)).double(),
+    torch.testing.assert_close(run(monkeypatch, True, lambda: weights_grad(grad_out, view, indices)).double(),
                                ref2, atol=1e-5, rtol=1e-4)
     assert kernel_calls["bag_weights_backward"] == 2
 
