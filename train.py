@@ -10,7 +10,6 @@ checkpointing (rerun with --resume to continue).
 """
 
 import argparse
-import math
 import os
 import sys
 
@@ -20,6 +19,7 @@ from pkmlm.data import DataError
 from pkmlm.distributed import PREEMPTED_EXIT_CODE, DistributedError, detect_env
 from pkmlm.init_from import InitFromError
 from pkmlm.kernels import retain_freed_memory
+from pkmlm.metrics import perplexity
 from pkmlm.trainer import TrainingError, train
 
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if detect_env().is_main and result.valid_loss is not None:
-        print(f"step {result.step}: valid loss {result.valid_loss:.4f}, perplexity {math.exp(result.valid_loss):.2f}")
+        print(f"step {result.step}: valid loss {result.valid_loss:.4f}, perplexity {perplexity(result.valid_loss):.2f}")
         for name, stats in result.memory.items():
             print(f"  {name}: memory usage {stats['usage']:.1%}, KL from uniform {stats['kl_counts']:.3f}")
     return PREEMPTED_EXIT_CODE if result.preempted else 0

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pkmlm.optim import coalesce_rows
+from pkmlm.sparse import coalesce_rows
 
 DEFAULT_MASTER_PORT = 29500
 # Exit status of a run that stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL: "try again later").
@@ -148,10 +148,6 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
                                    broadcast_buffers=False)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 @torch.no_grad()
 def all_reduce_sparse_grads(params: Iterable[nn.Parameter]) -> None:
     """Average the gradients of ``params`` over ranks in place; row-sparse ones stay row-sparse.
@@ -189,6 +185,23 @@ def all_reduce_sparse_grads(params: Iterable[nn.Parameter]) -> None:
         val = torch.cat([t[:n] for t, n in zip(all_rows, counts)]) / world
         # Indices come from valid coalesced grads, so the (costly) invariant check is skipped.
         p.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), val, grad.shape, check_invariants=False).coalesce()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum of ``tensor`` over ranks in place (no-op for one process); returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

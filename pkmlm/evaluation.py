@@ -2,7 +2,7 @@
 
     row = evaluate_checkpoint("runs/tiny_pkm", splits=["valid", "test"])   # one dict per model
 
-The loss is the trainer's own ``evaluate_loss`` (every token once, token-weighted, summed over ranks), so a row's
+The loss is ``evaluate_loss``, which the training loop's validation also uses (every token once, token-weighted, summed over ranks), so a row's
 validation perplexity is the one the training loop logged at the same checkpoint. Memory metrics are streamed into
 each layer's usage histograms (no per-token storage), all-reduced over ranks, then turned into
 ``pkmlm.metrics.MemoryStats``. Every rank must call ``evaluate_checkpoint``; the rows are the same on all of them.
@@ -17,12 +17,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pkmlm import checkpoint as ckpt
+from pkmlm import distributed as D
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
 from pkmlm.model import TransformerLM
-from pkmlm.trainer import evaluate_loss, memory_metrics
+from pkmlm.data.stream import eval_batches
+from pkmlm.metrics import memory_stats, per_head_stats, perplexity
+from pkmlm.precision import autocast
 
 
 class EvaluationError(Exception):
@@ -78,7 +83,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     # Every split is opened (and its vocabulary checked) before any forward, so bad input fails fast.
     corpora = {s: open_split(root / s, expected_vocab_hash=state["vocab_hash"]) for s in splits}
     model = load_model(state, path, device)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = D.world_size()
     rows_per_batch = batch_size or max(1, config.data.batch_size // (world * config.train.grad_accum))
 
     counts = model.num_parameters()
@@ -100,11 +105,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
         _sync(device)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         # Ranks run in parallel: the split took as long as the slowest rank.
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        D.all_reduce_max(elapsed)
         timings.append((corpus.num_tokens, elapsed.item(), track))
         row[f"{split}_loss"] = loss
-        row[f"{split}_ppl"] = math.exp(loss)
+        row[f"{split}_ppl"] = perplexity(loss)
         if track:
             row["memory_split"] = split
             # Flat "{memory}/{metric}" (and "{memory}/head{h}/{metric}") columns, summed over ranks.
@@ -117,6 +121,51 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     tokens, seconds = sum(n for n, _ in timed), sum(sec for _, sec in timed)
     row["tokens_per_s"] = tokens / seconds if seconds > 0 else math.inf
     return row
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_batches: int = 0,
+                  precision: str = "fp32") -> float:
+    """Exact token-weighted mean NLL (nats) of ``model`` over ``corpus``; perplexity = exp of it.
+
+    Every token of the split is predicted once (``eval_batches``), split over ranks when a process group
+    is up and summed over them. ``max_batches`` > 0 evaluates only each rank's first batches.
+    batch_size: rows (B, bptt) per forward on each rank.
+    """
+    rank, world = D.rank(), D.world_size()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, target count
+    batches = eval_batches(corpus, batch_size=batch_size, bptt=bptt, rank=rank, world_size=world)
+    for i, (inputs, targets) in enumerate(batches):
+        if max_batches and i == max_batches:
+            break
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, precision):
+            logits = model(inputs)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                     reduction="sum")
+        totals[1] += (targets != -100).sum()
+    model.train(was_training)
+    D.all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def memory_metrics(model: nn.Module, per_head: bool = False) -> dict[str, dict]:
+    """Metrics of every memory from its usage histograms, summed over ranks (all ranks must call).
+
+    {memory name: MemoryStats as a dict}; with per_head, also "head{h}/{metric}" keys for every head.
+    """
+    out = {}
+    for name, memory in model.memories():
+        hist = memory.usage()
+        counts, weights = D.all_reduce_sum(hist["counts"]), D.all_reduce_sum(hist["weights"])
+        out[name] = memory_stats(counts, weights).to_dict()
+        if per_head:
+            for h, stats in enumerate(per_head_stats(counts, weights)):
+                out[name].update({f"head{h}/{k}": v for k, v in stats.to_dict().items()})
+    return out
 
 
 def _run_name(path: Path) -> str:

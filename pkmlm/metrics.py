@@ -118,3 +118,8 @@ def _check_hist(hist: torch.Tensor) -> None:
         raise ValueError("histogram has no slots")
     if bool((hist < 0).any()):
         raise ValueError("histogram has negative entries")
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean NLL in nats); inf for a non-finite loss or one too large for a float (no OverflowError)."""
+    return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf

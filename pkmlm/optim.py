@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from pkmlm import kernels
 from pkmlm.memory import ProductKeyMemory
+from pkmlm.sparse import coalesce_rows, summed_rows
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -48,7 +49,7 @@ class RowAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                rows, g = _summed_rows(p.grad)
+                rows, g = summed_rows(p.grad)
                 state = self.state[p]
                 if not state:
                     # Both moments in one (rows, 2, ...) tensor: one gather and one scatter per step.
@@ -99,31 +100,6 @@ class RowAdam(torch.optim.Optimizer):
         rows = rows.to(device=param.device, dtype=torch.long)
         for name in ("moments", "step"):
             state[name].index_fill_(0, rows, 0)
-
-
-def coalesce_rows(grad: Tensor) -> Tensor:
-    """A row-sparse gradient with unique, sorted rows, marked coalesced.
-
-    Autograd drops the "coalesced" flag of pkmlm.memory's already summed, sorted gradient; checking its rows
-    is far cheaper than coalesce()'s sort and copy of all values, which runs only when rows repeat or are
-    out of order (e.g. nn.EmbeddingBag's own gradient).
-    """
-    if grad.is_coalesced():
-        return grad
-    rows = grad._indices()[0]
-    if (rows[1:] > rows[:-1]).all():
-        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
-                                       check_invariants=False)
-    return grad.coalesce()
-
-
-def _summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """A row-sparse gradient as (rows (R,), one summed gradient row each (R, ...)), rows unique."""
-    if not grad.is_sparse:
-        raise ValueError("RowAdam needs sparse gradients: build the value table with sparse=True, "
-                         "or give a dense table to a dense optimizer")
-    grad = coalesce_rows(grad)  # sums duplicate rows, so each row is updated once
-    return grad._indices()[0], grad._values()
 
 
 class Optimizers:

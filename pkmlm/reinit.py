@@ -128,7 +128,7 @@ class DeadSlotReinit:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``; the summed window goes to rank 0 only, so the next all-reduce counts it once."""
-        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        main = D.rank() == 0
         for name in self.slot_counts:
             for key, mine in (("slot_counts", self.slot_counts), ("subkey_counts", self.subkey_counts)):
                 saved = state[key][name]

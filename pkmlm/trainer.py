@@ -26,13 +26,16 @@ from pkmlm import checkpoint as ckpt
 from pkmlm import distributed as D
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
-from pkmlm.data.stream import TrainStream, eval_batches
+from pkmlm.data.stream import TrainStream
 from pkmlm.fileio import write_text_atomic
 from pkmlm.init_from import init_from_checkpoint
 from pkmlm.log import RunLogger
-from pkmlm.metrics import memory_stats, per_head_stats
+from pkmlm.evaluation import evaluate_loss, memory_metrics
+from pkmlm.metrics import perplexity
+from pkmlm.precision import autocast
 from pkmlm.model import TransformerLM
-from pkmlm.optim import Optimizers, coalesce_rows, inverse_sqrt_warmup, make_optimizers
+from pkmlm.optim import Optimizers, inverse_sqrt_warmup, make_optimizers
+from pkmlm.sparse import coalesce_rows
 from pkmlm.reinit import DeadSlotReinit
 
 
@@ -48,43 +51,6 @@ class TrainResult:
     memory: dict[str, dict] = field(default_factory=dict)  # memory name -> metrics.MemoryStats as dict
     preempted: bool = False  # stopped on SIGUSR1/SIGTERM after checkpointing
     model: nn.Module | None = None  # the trained model, unwrapped from DDP
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for ``precision`` (fp32: none)."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_batches: int = 0,
-                  precision: str = "fp32") -> float:
-    """Exact token-weighted mean NLL (nats) of ``model`` over ``corpus``; perplexity = exp of it.
-
-    Every token of the split is predicted once (``eval_batches``), split over ranks when a process group
-    is up and summed over them. ``max_batches`` > 0 evaluates only each rank's first batches.
-    batch_size: rows (B, bptt) per forward on each rank.
-    """
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, target count
-    batches = eval_batches(corpus, batch_size=batch_size, bptt=bptt, rank=rank, world_size=world)
-    for i, (inputs, targets) in enumerate(batches):
-        if max_batches and i == max_batches:
-            break
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast(device, precision):
-            logits = model(inputs)
-        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                     reduction="sum")
-        totals[1] += (targets != -100).sum()
-    model.train(was_training)
-    D.all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
 
 
 @torch.no_grad()
@@ -108,22 +74,6 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
         for g in grads:
             g.mul_(scale.to(g.dtype))
     return norm.item()
-
-
-def memory_metrics(model: nn.Module, per_head: bool = False) -> dict[str, dict]:
-    """Metrics of every memory from its usage histograms, summed over ranks (all ranks must call).
-
-    {memory name: MemoryStats as a dict}; with per_head, also "head{h}/{metric}" keys for every head.
-    """
-    out = {}
-    for name, memory in model.memories():
-        hist = memory.usage()
-        counts, weights = D.all_reduce_sum(hist["counts"]), D.all_reduce_sum(hist["weights"])
-        out[name] = memory_stats(counts, weights).to_dict()
-        if per_head:
-            for h, stats in enumerate(per_head_stats(counts, weights)):
-                out[name].update({f"head{h}/{k}": v for k, v in stats.to_dict().items()})
-    return out
 
 
 def train(config: Config, resume: str | os.PathLike | None = None,
@@ -305,13 +255,13 @@ class Trainer:
         return loss, stats
 
     def _log_validation(self, loss: float, stats: dict[str, dict]) -> None:
-        values = {"valid/loss": loss, "valid/ppl": _ppl(loss)}
+        values = {"valid/loss": loss, "valid/ppl": perplexity(loss)}
         for name, s in stats.items():
             values[f"memory/{name}/usage"] = s["usage"]
             values[f"memory/{name}/kl"] = s["kl_counts"]
         self.log.scalars(self.step, values)
         usage = ", ".join(f"{name} usage {s['usage']:.1%} KL {s['kl_counts']:.3f}" for name, s in stats.items())
-        self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {_ppl(loss):.2f}" + (f"; {usage}" if usage else ""))
+        self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {perplexity(loss):.2f}" + (f"; {usage}" if usage else ""))
 
     def _log_reinit(self, report: dict[str, dict] | None) -> None:
         if report is None:
@@ -371,13 +321,13 @@ class Trainer:
                 elapsed = time.perf_counter() - window_time
                 steps = self.step - window_start
                 mean = window_loss / window_finite if window_finite else math.nan
-                values = {"train/loss": mean, "train/ppl": _ppl(mean), "lr/dense": lr,
+                values = {"train/loss": mean, "train/ppl": perplexity(mean), "lr/dense": lr,
                           "tokens_per_s": steps * tokens_per_step / elapsed}
                 if self.optim.values is not None:
                     values["lr/values"] = self.optim.values.param_groups[0]["lr"]
                 values.update({f"grad_norm/{name}": n for name, n in norms.items()})
                 self.log.scalars(self.step, values)
-                postfix = dict(loss=mean, ppl=_ppl(mean), lr=lr, tok_s=values["tokens_per_s"])
+                postfix = dict(loss=mean, ppl=perplexity(mean), lr=lr, tok_s=values["tokens_per_s"])
                 window_loss, window_finite, window_start, window_time = 0.0, 0, self.step, time.perf_counter()
             self.log.step(**postfix)
             done = self.step == t.max_steps
@@ -401,8 +351,3 @@ class Trainer:
 
 def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf
-

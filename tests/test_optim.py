@@ -163,7 +163,7 @@ def test_make_optimizers_rejects_bad_arguments(kwargs, match):
 
 
 def test_coalesce_rows_sums_duplicates_and_marks_sorted_rows_without_copying():
-    from pkmlm.optim import coalesce_rows
+    from pkmlm.sparse import coalesce_rows
 
     values = torch.arange(8.0).view(4, 2)
     repeated = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3, 0]]), values, (5, 2))
