@@ -120,13 +120,46 @@ class Optimizers:
     def _groups(self) -> list[dict]:
         return [g for opt in self._optimizers() for g in opt.param_groups]
 
-    def step(self) -> None:
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Step every optimizer (through ``scaler``, which skips the step on inf/nan grads, when given)."""
         for opt in self._optimizers():
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+
+    def unscale_(self, scaler: torch.amp.GradScaler) -> None:
+        """Divide every optimizer's grads by ``scaler``'s scale (before clipping); no-op for a disabled scaler."""
+        for opt in self._optimizers():
+            scaler.unscale_(opt)
 
     def zero_grad(self) -> None:
         for opt in self._optimizers():
             opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def reset_rows(self, param: nn.Parameter, rows: Tensor) -> None:
+        """Make the optimizer state of some rows of ``param`` start afresh (dead-slot re-initialisation).
+
+        rows: LongTensor (R,) of indices into dim 0, or a bool mask over ``param``'s leading dims. A value
+        table's rows (RowAdam) get zero moments and step count; a dense parameter's rows get zero Adam
+        moments (AdamW keeps one step count per tensor, so that goes on).
+        """
+        if self.values is not None and any(param is p for g in self.values.param_groups for p in g["params"]):
+            if rows.dtype == torch.bool:
+                rows = rows.nonzero().flatten() if rows.dim() == 1 else None
+                if rows is None:
+                    raise ValueError("reset_rows: a value table's rows are given as indices or a 1-d mask")
+            self.values.reset_state(param, rows)
+            return
+        if not any(param is p for g in self.dense.param_groups for p in g["params"]):
+            raise ValueError("reset_rows: param is not optimized by these optimizers")
+        state = self.dense.state.get(param)
+        if not state:  # no step taken yet: every row is already fresh
+            return
+        rows = rows.to(param.device)
+        for name in ("exp_avg", "exp_avg_sq"):
+            state[name][rows] = 0
 
     def set_lr_factor(self, factor: float) -> None:
         for group in self._groups():

@@ -42,7 +42,7 @@ class DeadSlotReinit:
         self.tables: dict[str, list[str]] = {}
         owner: dict[int, str] = {}
         for name, m in self.memories:
-            first = owner.setdefault(id(m.values.weight), name)
+            first = owner.setdefault(id(m.value_parameters()[0]), name)
             self.tables.setdefault(first, []).append(name)
         self.slot_counts = {name: torch.zeros(m.n_keys**2, dtype=torch.float64, device=m.keys.device)
                             for name, m in self.memories}
@@ -86,17 +86,17 @@ class DeadSlotReinit:
             counts = D.all_reduce_sum(sum(self.slot_counts[n] for n in sharers)).cpu()
             dead = (counts < self.min_count).nonzero().flatten()
             revived = self.last_reset.get(table)
-            weight = memories[table].values.weight
             memories[table].reinit_slots(dead, generator)
-            if self.optim.values is not None and dead.numel():
-                self.optim.values.reset_state(weight, dead)
+            if dead.numel():
+                self.optim.reset_rows(memories[table].value_parameters()[0], dead)
             dead_subkeys = 0
             for name in sharers:
                 m = memories[name]
                 mask = D.all_reduce_sum(self.subkey_counts[name]).cpu() == 0  # (heads, 2, n_keys)
                 dead_subkeys += int(mask.sum())
                 m.reinit_subkeys(mask, generator)
-                self._reset_dense_rows(m.keys, mask)
+                if mask.any():
+                    self.optim.reset_rows(m.keys, mask)
             self.last_reset[table] = dead
             report[table] = {
                 "usage": usage_fraction((counts >= self.min_count).double()),
@@ -108,15 +108,6 @@ class DeadSlotReinit:
         for c in (*self.slot_counts.values(), *self.subkey_counts.values()):
             c.zero_()
         return report
-
-    def _reset_dense_rows(self, param: nn.Parameter, mask: Tensor) -> None:
-        """Zero the Adam moments of the sub-keys under ``mask`` (heads, 2, n_keys)."""
-        state = self.optim.dense.state.get(param)
-        if not state or not mask.any():
-            return
-        mask = mask.to(param.device)
-        for name in ("exp_avg", "exp_avg_sq"):
-            state[name][mask] = 0
 
     # ---- checkpoints: the window, so that a resumed run re-initialises the same slots --------------------------
 

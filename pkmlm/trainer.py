@@ -121,7 +121,8 @@ class Trainer:
         self.reinit = DeadSlotReinit(self.model, self.optim, every=mem.reinit_every, min_count=mem.reinit_min_count,
                                      seed=t.seed) if mem.reinit_every else None
         self.init_from: str | None = None  # the checkpoint this run's weights started from; saved in every checkpoint
-        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+        # Loss scaling is for fp16 only; a disabled scaler passes everything through unchanged.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         torch.manual_seed(t.seed + env.rank)  # different dropout masks per rank
         self.step = 0
         self.nonfinite = 0
@@ -143,7 +144,7 @@ class Trainer:
         ckpt.check_vocab(state["vocab_hash"], self.train_data.vocab_hash, path)
         self.model.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optimizers"])
-        if self.scaler is not None:
+        if self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["data"])
         if self.reinit is not None and state.get("reinit") is not None:
@@ -171,7 +172,7 @@ class Trainer:
                  "optimizers": self.optim.state_dict(), "step": self.step, "rng": {"ranks": rng},
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
                  # The lr schedule is a pure function of the step, so it needs no state of its own.
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                  "reinit": reinit, "init_from": self.init_from}
         path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
         self.log.message(f"step {self.step}: saved {path}")
@@ -179,9 +180,25 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------------------------
 
     def _train_step(self, ddp_model: nn.Module, stop_requested: bool) -> tuple[float, dict[str, float], bool]:
-        """Forward/backward the global batch, then update unless the loss or a grad norm is not finite.
+        """One optimizer step: ``_forward_backward`` the global batch, then ``_update``.
 
         Returns (global mean NLL, grad norms per group, whether any rank asked to stop).
+        """
+        nll = self._forward_backward(ddp_model)
+        D.all_reduce_sparse_grads(self.sparse_params)
+        # One all-reduce carries the loss and the stop flag, so every rank takes the same decisions.
+        shared = D.all_reduce_sum(torch.stack([nll, torch.tensor(float(stop_requested), device=self.device,
+                                                                   dtype=torch.float64)]))
+        loss = shared[0].item() / (self.config.data.batch_size * self.config.data.bptt)
+        norms = self._update(loss)
+        self.step += 1
+        return loss, norms, shared[1].item() > 0
+
+    def _forward_backward(self, ddp_model: nn.Module) -> torch.Tensor:
+        """Forward and backward this rank's rows of the global batch, micro-batch by micro-batch.
+
+        Leaves grads such that DDP's average over ranks is the gradient of the global mean NLL; returns this
+        rank's summed NLL (float64 scalar).
         """
         t, bptt = self.config.train, self.config.data.bptt
         world = self.env.world_size
@@ -196,32 +213,21 @@ class Trainer:
                 with autocast(self.device, t.precision):
                     logits = ddp_model(micro[:, :-1])
                 micro_nll = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten(), reduction="sum")
-                loss = micro_nll * (world / global_tokens)
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                self.scaler.scale(micro_nll * (world / global_tokens)).backward()
             nll += micro_nll.detach()
-        D.all_reduce_sparse_grads(self.sparse_params)
-        # One all-reduce carries the loss and the stop flag, so every rank takes the same decisions.
-        shared = D.all_reduce_sum(torch.stack([nll, torch.tensor(float(stop_requested), device=self.device,
-                                                                   dtype=torch.float64)]))
-        loss = shared[0].item() / global_tokens
-        stop = shared[1].item() > 0
+        return nll
 
-        if self.scaler is not None:
-            for opt in (self.optim.dense, self.optim.values):
-                if opt is not None:
-                    self.scaler.unscale_(opt)
+    def _update(self, loss: float) -> dict[str, float]:
+        """Clip and apply the grads unless the loss or a grad norm is not finite; returns the grad norms."""
+        t = self.config.train
+        self.optim.unscale_(self.scaler)
         norms = {name: clip_grad_norm_(params, t.grad_clip) for name, params in self.groups.items()}
         # With fp16 an inf grad norm is the GradScaler's business: it skips the step and lowers the scale.
-        finite = math.isfinite(loss) and (self.scaler is not None or all(map(math.isfinite, norms.values())))
+        finite = math.isfinite(loss) and (self.scaler.is_enabled() or all(map(math.isfinite, norms.values())))
         if finite:
             self.nonfinite = 0
             self.optim.set_lr_factor(inverse_sqrt_warmup(self.step + 1, t.warmup_steps))
-            if self.scaler is not None:
-                for opt in (self.optim.dense, self.optim.values):
-                    if opt is not None:
-                        self.scaler.step(opt)
-            else:
-                self.optim.step()
+            self.optim.step(self.scaler)
         else:
             self.nonfinite += 1
             self.log.message(f"step {self.step + 1}: non-finite loss {loss} or grad norm {norms}: update skipped "
@@ -231,11 +237,9 @@ class Trainer:
                     f"{self.nonfinite} non-finite losses in a row at step {self.step + 1}: the run diverged. "
                     "Resume from the last checkpoint with a lower train.lr, a longer train.warmup_steps, "
                     "a smaller train.grad_clip, or train.precision=bf16/fp32")
-        if self.scaler is not None:
-            self.scaler.update()  # also after a skipped step: it ends the unscale_ of this step
+        self.scaler.update()  # also after a skipped step: it ends the unscale_ of this step (no-op when disabled)
         self.optim.zero_grad()
-        self.step += 1
-        return loss, norms, stop
+        return norms
 
     # ---- validation ----------------------------------------------------------------------------------------
 

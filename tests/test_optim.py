@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pkmlm.memory import ProductKeyMemory, make_value_table
-from pkmlm.optim import RowAdam, inverse_sqrt_warmup, make_optimizers
+from pkmlm.optim import Optimizers, RowAdam, inverse_sqrt_warmup, make_optimizers
 
 
 def sparse_grad(rows, grads, shape):
@@ -53,6 +53,24 @@ def test_reset_state_makes_rows_start_afresh():
     torch.testing.assert_close(table[1].detach(), before[1] - 0.1 * g.sign())
     with pytest.raises(ValueError, match="not optimized"):
         opt.reset_state(nn.Parameter(torch.zeros(4, 2)), torch.tensor([0]))
+
+
+def test_optimizers_reset_rows_routes_values_and_dense_parameters():
+    torch.manual_seed(0)
+    table, keys = nn.Parameter(torch.randn(4, 2)), nn.Parameter(torch.randn(3, 2))
+    opts = Optimizers(torch.optim.AdamW([keys], lr=0.1), RowAdam([table], lr=0.1))
+    for _ in range(2):
+        table.grad = sparse_grad([0, 1, 2], [torch.randn(2) for _ in range(3)], (4, 2))
+        keys.grad = torch.randn(3, 2)
+        opts.step()
+    opts.reset_rows(table, torch.tensor([2]))
+    opts.reset_rows(keys, torch.tensor([False, True, False]))
+    assert opts.values.state[table]["step"].tolist() == [2, 2, 0, 0]
+    dense = opts.dense.state[keys]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert (dense[name][1] == 0).all() and (dense[name][0] != 0).all() and (dense[name][2] != 0).all()
+    with pytest.raises(ValueError, match="not optimized"):
+        opts.reset_rows(nn.Parameter(torch.zeros(2)), torch.tensor([0]))
 
 
 def test_row_adam_rejects_dense_gradients():
