@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean fastbpe data
+.PHONY: setup demo test test-fast bench clean fastbpe data
 
 setup:
 	@VENV=$(VENV) scripts/setup_env.sh
@@ -13,6 +13,10 @@ demo: setup
 # The test suite covers the fastBPE backend too, so its set-up builds fastBPE (about 25 s, once).
 test: fastbpe
 	$(PY) -m pytest -q tests
+
+# The quick subset while working: skips the tests marked slow (multi-process and end-to-end CLI runs).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) bench/memory_layer.py

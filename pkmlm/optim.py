@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pkmlm import kernels
 from pkmlm.memory import ProductKeyMemory
-from pkmlm.sparse import coalesce_rows, summed_rows
+from pkmlm.sparse import summed_rows
 
 
 class RowAdam(torch.optim.Optimizer):

@@ -265,7 +265,17 @@ class Trainer:
             values[f"memory/{name}/kl"] = s["kl_counts"]
         self.log.scalars(self.step, values)
         usage = ", ".join(f"{name} usage {s['usage']:.1%} KL {s['kl_counts']:.3f}" for name, s in stats.items())
-        self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {perplexity(loss):.2f}" + (f"; {usage}" if usage else ""))
+        self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {perplexity(loss):.2f}{self._validation_scope()}"
+                         + (f"; {usage}" if usage else ""))
+
+    def _validation_scope(self) -> str:
+        """'' when validation reads the whole split, else what part it read (train.eval_batches)."""
+        n = self.config.train.eval_batches
+        tokens = n * self.micro_rows * self.config.data.bptt * self.env.world_size
+        if n == 0 or tokens >= self.valid_data.num_tokens:
+            return ""
+        return (f" (first {n} batches per rank, ~{tokens / self.valid_data.num_tokens:.0%} of the valid split: "
+                "train.eval_batches; evaluate.py reads all of it)")
 
     def _log_reinit(self, report: dict[str, dict] | None) -> None:
         if report is None:

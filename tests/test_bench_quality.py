@@ -4,9 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from pkmlm.data.shards import write_split
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=16", "memory.n_keys=8",
@@ -14,11 +12,10 @@ TINY = ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.max_se
         "train.log_every=1", "train.eval_batches=1", "train.warmup_steps=1"]
 
 
-def test_quality_bench_trains_evaluates_and_reports(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, docs in (("train", 20), ("valid", 4), ("test", 4)):
-        write_split(tmp_path / "data" / split, [rng.integers(2, 50, size=40).tolist() for _ in range(docs)],
-                    vocab_size=50, vocab_hash="bench-vocab", eos_id=1)
+@pytest.mark.slow
+def test_quality_bench_trains_evaluates_and_reports(tmp_path, random_corpus):
+    random_corpus(tmp_path / "data", {"train": (20, 40), "valid": (4, 40), "test": (4, 40)}, vocab=50,
+                  vocab_hash="bench-vocab", eos_id=1)
     out = tmp_path / "runs"
     cmd = [sys.executable, "bench/quality.py", "--data-dir", str(tmp_path / "data"), "--out", str(out),
            "--steps", "2", "--eval-every", "1", "--models", "a,e", *TINY]

@@ -106,6 +106,7 @@ def _sparse_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_sparse_grads_matches_dense_average(tmp_path):
     mp.spawn(_sparse_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     expected = torch.zeros(10, 3)

@@ -7,29 +7,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pkmlm.checkpoint import latest_checkpoint, load_checkpoint
 from pkmlm.config import Config
-from pkmlm.data.shards import open_split, write_split
+from pkmlm.data.shards import open_split
 from pkmlm.evaluation import EvaluationError, evaluate_checkpoint, load_model
 from pkmlm.metrics import memory_stats
 from pkmlm.trainer import train
+from conftest import write_random_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, BPTT = 64, 16
 
 
 def _write_data(root: Path, vocab_hash: str = "eval-vocab") -> Path:
-    rng = np.random.default_rng(0)
     # valid: 16 documents of 64 tokens (eos included) = 1024 tokens, so 2 ranks split it at a window boundary.
-    for split, docs, length in (("train", 80, 50), ("valid", 16, 63), ("test", 7, 40)):
-        write_split(root / split, [rng.integers(2, VOCAB, size=length).tolist() for _ in range(docs)],
-                    vocab_size=VOCAB, vocab_hash=vocab_hash, eos_id=1)
-    return root
+    return write_random_corpus(root, {"train": (80, 50), "valid": (16, 63), "test": (7, 40)}, vocab=VOCAB,
+                               vocab_hash=vocab_hash, eos_id=1)
 
 
 def _config(data_dir, out_dir) -> dict:
@@ -158,6 +155,7 @@ def test_evaluation_rejects_empty_splits_and_negative_batch_size(run):
         evaluate_checkpoint(run[1], splits=["valid"], batch_size=-1)
 
 
+@pytest.mark.slow
 def test_two_processes_all_reduce_losses_and_histograms(run, tmp_path):
     """torchrun, 2 gloo processes, each evaluating half of the split: the same row as one process."""
     _, run_dir, _ = run

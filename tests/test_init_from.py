@@ -5,14 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from pkmlm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from pkmlm.config import Config
-from pkmlm.data.shards import write_split
 from pkmlm.init_from import InitFromError, init_from_checkpoint
 from pkmlm.model import TransformerLM
 from pkmlm.trainer import train
@@ -32,13 +30,10 @@ def _config(data_dir, out_dir, positions=(), **model) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory):
+def dense(tmp_path_factory, random_corpus):
     """(data dir, checkpoint of a 2-step dense run)."""
     root = tmp_path_factory.mktemp("init_from")
-    rng = np.random.default_rng(0)
-    for split in ("train", "valid"):
-        write_split(root / "data" / split, [rng.integers(2, VOCAB, size=30).tolist() for _ in range(20)],
-                    vocab_size=VOCAB, vocab_hash="v1", eos_id=1)
+    random_corpus(root / "data", {"train": (20, 30), "valid": (20, 30)}, vocab=VOCAB, vocab_hash="v1", eos_id=1)
     train(Config.from_dict(_config(root / "data", root / "dense")))
     return root / "data", latest_checkpoint(root / "dense")
 
@@ -91,6 +86,7 @@ def _train_cli(config_path, *args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_cli_init_from_reports_records_and_refuses_mismatch(dense, tmp_path):
     data_dir, path = dense
     cfg = tmp_path / "mem.yaml"

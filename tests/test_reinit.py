@@ -147,17 +147,12 @@ def test_window_survives_a_checkpoint_round_trip():
         assert torch.equal(fresh.subkey_counts[name], policy.subkey_counts[name])
 
 
-def test_training_with_reinit_logs_and_resumes_exactly(tmp_path, capsys):
+@pytest.mark.slow
+def test_training_with_reinit_logs_and_resumes_exactly(tmp_path, capsys, random_corpus):
     """train(): re-initialisations at steps 2 and 4; a run cut at step 3 (mid-window) and resumed ends identical."""
-    import numpy as np
-
-    from pkmlm.data.shards import write_split
     from pkmlm.trainer import train
 
-    rng = np.random.default_rng(0)
-    for split in ("train", "valid"):
-        write_split(tmp_path / "data" / split, [rng.integers(2, VOCAB, size=30).tolist() for _ in range(20)],
-                    vocab_size=VOCAB, vocab_hash="v", eos_id=1)
+    random_corpus(tmp_path / "data", {"train": (20, 30), "valid": (20, 30)}, vocab=VOCAB, vocab_hash="v", eos_id=1)
 
     def config(out, max_steps):
         c = _config().to_dict()

@@ -15,7 +15,6 @@ import yaml
 
 from pkmlm.checkpoint import list_checkpoints, load_checkpoint
 from pkmlm.config import Config, load_config
-from pkmlm.data.shards import write_split
 from pkmlm.model import TransformerLM
 from pkmlm.trainer import TrainingError, clip_grad_norm_, train
 
@@ -24,14 +23,10 @@ VOCAB = 64
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(tmp_path_factory, random_corpus):
     """A random-token corpus: 8k training tokens, 1k validation tokens."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, docs in (("train", 160), ("valid", 20)):
-        write_split(root / split, [rng.integers(1, VOCAB, size=50).tolist() for _ in range(docs)],
-                    vocab_size=VOCAB, vocab_hash="test-vocab", eos_id=0)
-    return root
+    return random_corpus(tmp_path_factory.mktemp("data"), {"train": (160, 50), "valid": (20, 50)}, vocab=VOCAB,
+                         vocab_hash="test-vocab", eos_id=0, low=1)
 
 
 def tiny(data_dir, out_dir, **sections) -> dict:
@@ -133,6 +128,19 @@ def test_too_many_nonfinite_losses_stop_without_checkpoint(data_dir, tmp_path, m
     assert list_checkpoints(tmp_path) == []
 
 
+def test_progress_off_a_terminal_is_plain_lines_and_partial_validation_says_so(data_dir, tmp_path, capsys):
+    # Under pytest stderr is not a terminal: no carriage-return bar, one line per logged step.
+    train(Config.from_dict(tiny(data_dir, tmp_path / "part", train={"max_steps": 4, "eval_every": 4})))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if " | " in line]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/4", "step 4/4"], err
+    assert all(f" {k} " in f" {line} " for line in lines for k in ("loss", "ppl", "lr", "tok_s", "elapsed", "ETA"))
+    assert "(first 2 batches per rank, ~" in err and "evaluate.py reads all of it" in err
+    train(Config.from_dict(tiny(data_dir, tmp_path / "whole", train={"max_steps": 1, "eval_batches": 0})))
+    assert "valid loss" in (err := capsys.readouterr().err) and "batches per rank" not in err
+
+
 def test_clip_grad_norm_handles_sparse_rows():
     dense = torch.nn.Parameter(torch.zeros(3))
     dense.grad = torch.tensor([3.0, 0.0, 0.0])
@@ -145,6 +153,7 @@ def test_clip_grad_norm_handles_sparse_rows():
     torch.testing.assert_close(table.grad.to_dense()[1], torch.tensor([0.0, 0.8]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny.yaml", "tiny_deep.yaml", "tiny_pkm.yaml", "tiny_pkm_parallel.yaml"])
 def test_cpu_configs_start_training(name, data_dir, tmp_path):
     config = load_config(ROOT / "configs" / name, [f"data.dir={data_dir}", f"train.out_dir={tmp_path}",
@@ -193,6 +202,7 @@ def test_cli_print_config(data_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes(data_dir, tmp_path):
     """SIGUSR1 under (fake) Slurm: finish the step, checkpoint, `scontrol requeue`, exit 75; --resume goes on."""
     bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
@@ -238,6 +248,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
     """torchrun, 2 gloo processes with grad_accum=2 (no_sync on the first micro-batch): both ranks end with
     identical parameters (value tables included), and the same global batches give the same losses and weights
