@@ -103,7 +103,7 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.train_data = open_split(Path(d.dir) / "train", verify_checksums=d.verify_checksums)
         self.valid_data = open_split(Path(d.dir) / "valid", expected_vocab_hash=self.train_data.vocab_hash,
-                                     verify_checksums=d.verify_checksums)
+                                     verify_checksums=d.verify_checksums, require_tokens="validation")
         self.stream = TrainStream(self.train_data, batch_size=d.batch_size, bptt=d.bptt, rank=env.rank,
                                   world_size=env.world_size, seed=d.seed)
         self.micro_rows = d.batch_size // (env.world_size * t.grad_accum)

@@ -132,7 +132,11 @@ def bad_inputs(run, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
     other_vocab = _write_data(tmp_path / "other", vocab_hash="another-vocab")
+    empty = tmp_path / "empty"
+    write_split(empty / "test", [], vocab_size=VOCAB, vocab_hash="eval-vocab", eos_id=1)
     return {
+        "empty split": ([str(checkpoint), "--data-dir", str(empty), "--split", "test"],
+                        "holds no tokens, and evaluation needs some"),
         "missing": ([str(tmp_path / "nope.pt")], "does not exist"),
         "empty run dir": ([str(tmp_path)], "without checkpoints"),
         "truncated": ([str(truncated)], "cannot read checkpoint"),
@@ -141,7 +145,8 @@ def bad_inputs(run, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty run dir", "truncated", "other vocabulary", "no such split"])
+@pytest.mark.parametrize("case", ["missing", "empty run dir", "truncated", "other vocabulary", "no such split",
+                                  "empty split"])
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, bad_inputs, tmp_path):
     args, message = bad_inputs[case]
     out = tmp_path / "out.json"

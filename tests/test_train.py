@@ -184,6 +184,52 @@ def test_cli_errors_are_one_line_exit_2(args, message, data_dir, tmp_path):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _broken_copy(data_dir, tmp_path, case):
+    """A copy of ``data_dir`` with one class of bad data."""
+    import json
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    manifest = root / "train" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    if case == "empty valid split":
+        write_split(root / "valid", [], vocab_size=VOCAB, vocab_hash="test-vocab", eos_id=0)
+    elif case == "id outside the vocabulary":
+        shard = root / "train" / m["shards"][0]["file"]
+        ids = np.fromfile(shard, dtype=np.uint16)
+        ids[::7] = VOCAB + 3
+        ids.tofile(shard)
+    elif case == "eos outside the vocabulary":
+        manifest.write_text(json.dumps({**m, "eos_id": VOCAB}))
+    elif case == "shard outside the split":
+        (root / "stolen.bin").write_bytes((root / "train" / m["shards"][0]["file"]).read_bytes())
+        m["shards"][0]["file"] = "../stolen.bin"
+        manifest.write_text(json.dumps(m))
+    elif case == "string vocab_size":
+        manifest.write_text(json.dumps({**m, "vocab_size": str(VOCAB)}))
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty valid split", "holds no tokens, and validation needs some"),
+    ("id outside the vocabulary", f"is outside the vocabulary [0, {VOCAB}) (corrupt or foreign shard)"),
+    ("eos outside the vocabulary", f"eos_id {VOCAB} is outside the vocabulary"),
+    ("shard outside the split", "'../stolen.bin' is not a plain file name inside"),
+    ("string vocab_size", "'vocab_size' must be an integer"),
+])
+def test_cli_bad_data_is_one_line_exit_2(case, message, data_dir, tmp_path):
+    root = _broken_copy(data_dir, tmp_path, case)
+    cfg = _write_config(tmp_path / "c.yaml", tiny(root, tmp_path / "run"))
+    proc = subprocess.run([sys.executable, "train.py", "--config", cfg], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    # Found while training (ids are checked as they are read): the progress bar may precede the one error line.
+    errors = [line for line in proc.stderr.splitlines() if "step/s" not in line and line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
 def test_cli_print_config(data_dir, tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run"))
     proc = subprocess.run([sys.executable, "train.py", "--config", cfg, "--print-config", "train.max_steps=77"],
