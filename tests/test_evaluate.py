@@ -175,3 +175,18 @@ def test_two_processes_all_reduce_losses_and_histograms(run, tmp_path):
     for key, value in one.items():
         if "/" in key:  # every memory metric, per head too: the summed histograms are the same
             assert two[key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_huge_loss_prints_inf_perplexity_in_every_output(run, tmp_path, monkeypatch):
+    """A finite loss too large for exp(): perplexity inf in the table, CSV and JSON (no OverflowError)."""
+    import importlib.util
+    import pkmlm.evaluation as evaluation
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *a, **k: 1e4)
+    assert cli.main([str(run[1]), "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]) == 0
+    row = json.loads((tmp_path / "r.json").read_text())[0]
+    assert row["valid_loss"] == 1e4 and row["valid_ppl"] == math.inf
+    assert "valid_ppl" in (tmp_path / "r.csv").read_text() and ",inf," in (tmp_path / "r.csv").read_text()
+    assert cli.markdown_table([row], ["valid"]).splitlines()[2].split(" | ")[5] == "inf"
