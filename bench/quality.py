@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from pkmlm.metrics import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,7 +154,7 @@ def _curve(run_dir: Path) -> dict[str, list[float]]:
         curve["step"].append(e.step)
         curve["tokens"].append(e.step * tokens_per_step)
         curve["seconds"].append(seconds[before[-1]] if before else 0.0)
-        curve["valid_ppl"].append(math.exp(e.value))
+        curve["valid_ppl"].append(perplexity(e.value))
     curve["train_tokens_per_s"] = [last * tokens_per_step / elapsed]
     return curve
 

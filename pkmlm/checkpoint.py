@@ -4,9 +4,10 @@ A checkpoint is one file, ``OUT_DIR/checkpoints/step_XXXXXXX.pt``, holding a dic
 containers only, so that it loads with ``torch.load(weights_only=True)`` (no arbitrary unpickling):
 
     {"format": 1, "config": dict, "model": state_dict, "optimizers": dict, "step": int,
-     "rng": dict, "data": dict, "vocab_hash": str}
+     "rng": {"ranks": [rng_state(), ...]}, "data": dict, "vocab_hash": str}
 
-The trainer may add further plain entries (e.g. "scaler" for fp16).
+The trainer may add further plain entries (e.g. "scaler" for fp16). ``load_checkpoint`` checks the types of
+every entry it knows, so a damaged or crafted file is one CheckpointError, not a traceback from deep inside torch.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ FORMAT = 1
 REQUIRED_KEYS = ("format", "config", "model", "optimizers", "step", "rng", "data", "vocab_hash")
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
 
-# Config fields that may differ between a checkpoint and the run that resumes it: they change how long the run
-# goes and where and how often it reports, not the trajectory of the weights. Anything else must match.
+# Config fields that may differ between a checkpoint and the run that resumes it. The first set changes how long
+# the run goes and where and how often it reports, not the trajectory of the weights.
 RESUMABLE_CHANGES = frozenset({
     "data.dir",
     "data.verify_checksums",
@@ -37,7 +38,18 @@ RESUMABLE_CHANGES = frozenset({
     "train.eval_batches",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.keep_best",
     "train.max_nonfinite",
+    "train.dist_timeout_s",
+})
+# These change the trajectory from the resumed step on (the run is then no longer bit for bit the one it would
+# have been) but leave every saved state valid: what a diverged run is resumed with. The change is logged.
+STEERING_CHANGES = frozenset({
+    "train.lr",
+    "train.value_lr",
+    "train.warmup_steps",
+    "train.grad_clip",
+    "train.precision",
 })
 
 
@@ -116,22 +128,82 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}")
+    problem = _structure_problem(state)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged or not written by pkmlm: {problem}; "
+                              "use another checkpoint")
     return state
 
 
-def check_resumable(saved: dict, current: dict, source: str | os.PathLike = "checkpoint") -> None:
-    """Raise CheckpointError when the resumed config differs from the saved one outside RESUMABLE_CHANGES.
+def _structure_problem(state: dict) -> str | None:
+    """What is wrong with the types of a loaded checkpoint dict, or None."""
+    def kind(value, expected) -> bool:
+        return isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+
+    for key, expected in (("config", dict), ("model", dict), ("optimizers", dict), ("step", int), ("rng", dict),
+                          ("data", dict), ("vocab_hash", str)):
+        if not kind(state[key], expected):
+            return f"'{key}' is a {type(state[key]).__name__}, not a {expected.__name__}"
+    if state["step"] < 0:
+        return f"'step' is {state['step']}"
+    for name, value in state["model"].items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            return f"model entry {name!r} is a {type(value).__name__}, not a tensor"
+    for key, expected in (("scaler", dict), ("reinit", dict), ("init_from", str), ("best", dict)):
+        if state.get(key) is not None and not kind(state[key], expected):
+            return f"'{key}' is a {type(state[key]).__name__}, not a {expected.__name__} or None"
+    best = state.get("best")
+    if best is not None and not (kind(best.get("step"), int) and kind(best.get("valid_loss"), float)):
+        return "'best' must hold an integer step and a float valid_loss"
+    ranks = state["rng"].get("ranks")
+    if not isinstance(ranks, list) or not ranks:
+        return "'rng' lacks a non-empty list 'ranks' (one random state per process)"
+    for i, rank_state in enumerate(ranks):
+        problem = _rng_problem(rank_state)
+        if problem:
+            return f"rng state of rank {i}: {problem}"
+    return None
+
+
+def _rng_problem(state) -> str | None:
+    """What is wrong with an ``rng_state()`` dict read back from a file, or None."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a dict"
+    for key in ("torch", "python", "numpy"):
+        if key not in state:
+            return f"no '{key}' generator"
+    for key in ("torch", "cuda"):
+        value = state.get(key, torch.empty(0, dtype=torch.uint8))
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+            return f"'{key}' is not a byte tensor"
+    python = state["python"]
+    if not (isinstance(python, (tuple, list)) and len(python) == 3 and isinstance(python[1], (tuple, list))
+            and all(isinstance(x, int) for x in python[1])):
+        return "'python' is not (version, state, gauss)"
+    numpy = state["numpy"]
+    if not (isinstance(numpy, (tuple, list)) and len(numpy) == 5 and isinstance(numpy[0], str)
+            and isinstance(numpy[1], torch.Tensor) and numpy[1].shape == (624,)
+            and all(isinstance(x, int) for x in numpy[2:4])):
+        return "'numpy' is not (kind, keys (624,), pos, has_gauss, cached)"
+    return None
+
+
+def check_resumable(saved: dict, current: dict, source: str | os.PathLike = "checkpoint") -> list[str]:
+    """Raise CheckpointError when the resumed config differs from the saved one outside RESUMABLE_CHANGES
+    and STEERING_CHANGES; return the STEERING_CHANGES made, as "key: old -> new" lines for the log.
 
     saved, current: ``Config.to_dict()`` outputs (nested plain dicts).
     """
     a, b = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))
+    allowed = RESUMABLE_CHANGES | STEERING_CHANGES
+    changed = sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k))
     if changed:
         details = "; ".join(f"{k}: {a.get(k)!r} in checkpoint, {b.get(k)!r} now" for k in changed)
         raise CheckpointError(
             f"cannot resume from {source}: the config changed ({details}). Resume with the saved config "
-            f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or start a new run in another out_dir"
+            f"(only {', '.join(sorted(allowed))} may change), or start a new run in another out_dir"
         )
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(STEERING_CHANGES) if a.get(k) != b.get(k)]
 
 
 def check_vocab(saved_hash: str, data_hash: str, source: str | os.PathLike = "checkpoint") -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sync_batchnorm: bool = False
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    keep_best: bool = False  # also keep checkpoints/best.pt, the lowest validation loss seen
+    dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run on every rank
 
 
 @dataclass
@@ -151,8 +154,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"{source}: cannot read config file: {e.strerror}") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+        raise ConfigError(f"{source}: invalid YAML: {_one_line(e)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -166,7 +171,28 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 # --- YAML ----------------------------------------------------------------------------------------------
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write the former)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write the former)
+    and refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    break
+                if duplicate:
+                    raise _DuplicateKey(f"duplicate key '{key}' on line {line} (first on line {seen[key]}): "
+                                        "keep only one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
 
 
 _Loader.add_implicit_resolver(
@@ -174,6 +200,10 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _apply_override(raw: dict, override: str, source: str) -> None:
@@ -184,7 +214,7 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
     try:
         value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: the value is not valid YAML: {e}") from None
+        raise ConfigError(f"{where}: the value is not valid YAML: {_one_line(e)}") from None
     parts = key.strip().split(".")
     _check_path(parts, where)
     node = raw
@@ -257,7 +287,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {_describe(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # .nan would slip past every comparison below; .inf is never meant
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
         return float(value)
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
@@ -364,3 +396,5 @@ def _problems(c: Config):
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         yield from at_least(f"train.{name}", getattr(t, name), 1)
     yield from at_least("train.eval_batches", t.eval_batches, 0)
+    if t.dist_timeout_s <= 0:
+        yield "train.dist_timeout_s", f"{t.dist_timeout_s} (must be > 0 seconds)"

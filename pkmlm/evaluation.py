@@ -81,7 +81,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     config = Config.from_dict(state["config"], source=f"{path} (saved config)")
     root = Path(data_dir or config.data.dir)
     # Every split is opened (and its vocabulary checked) before any forward, so bad input fails fast.
-    corpora = {s: open_split(root / s, expected_vocab_hash=state["vocab_hash"]) for s in splits}
+    corpora = {s: open_split(root / s, expected_vocab_hash=state["vocab_hash"], require_tokens="evaluation")
+               for s in splits}
     model = load_model(state, path, device)
     world = D.world_size()
     rows_per_batch = batch_size or max(1, config.data.batch_size // (world * config.train.grad_accum))

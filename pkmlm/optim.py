@@ -173,9 +173,14 @@ class Optimizers:
         if set(state) != {"dense", "values"} or (state["values"] is None) != (self.values is None):
             raise ValueError("optimizer state does not match this model: it was saved for a model "
                              "with a different set of memory value tables")
+        # The base lrs come from the config that built these optimizers, not from the file: resuming a diverged
+        # run with a lower train.lr / train.value_lr must take effect (pkmlm.checkpoint.STEERING_CHANGES).
+        base_lrs = [g["base_lr"] for g in self._groups()]
         self.dense.load_state_dict(state["dense"])
         if self.values is not None:
             self.values.load_state_dict(state["values"])
+        for group, lr in zip(self._groups(), base_lrs):
+            group["base_lr"] = lr
 
 
 def make_optimizers(model: nn.Module, *, lr: float, value_lr: float,

@@ -25,6 +25,7 @@ from torch import nn
 from pkmlm import checkpoint as ckpt
 from pkmlm import distributed as D
 from pkmlm.config import Config
+from pkmlm.data import DataError
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import TrainStream
 from pkmlm.fileio import write_text_atomic
@@ -103,7 +104,7 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.train_data = open_split(Path(d.dir) / "train", verify_checksums=d.verify_checksums)
         self.valid_data = open_split(Path(d.dir) / "valid", expected_vocab_hash=self.train_data.vocab_hash,
-                                     verify_checksums=d.verify_checksums)
+                                     verify_checksums=d.verify_checksums, require_tokens="validation")
         self.stream = TrainStream(self.train_data, batch_size=d.batch_size, bptt=d.bptt, rank=env.rank,
                                   world_size=env.world_size, seed=d.seed)
         self.micro_rows = d.batch_size // (env.world_size * t.grad_accum)
@@ -126,6 +127,7 @@ class Trainer:
         torch.manual_seed(t.seed + env.rank)  # different dropout masks per rank
         self.step = 0
         self.nonfinite = 0
+        self.notes: list[str] = []  # what set-up found worth telling, logged once the logger is up
 
     # ---- checkpoints ------------------------------------------------------------------------------------
 
@@ -140,24 +142,34 @@ class Trainer:
         if path is None:
             return None
         state = ckpt.load_checkpoint(path)
-        ckpt.check_resumable(state["config"], self.config.to_dict(), path)
+        steering = ckpt.check_resumable(state["config"], self.config.to_dict(), path)
         ckpt.check_vocab(state["vocab_hash"], self.train_data.vocab_hash, path)
-        self.model.load_state_dict(state["model"])
-        self.optim.load_state_dict(state["optimizers"])
-        if self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        self.stream.load_state_dict(state["data"])
-        if self.reinit is not None and state.get("reinit") is not None:
-            self.reinit.load_state_dict(state["reinit"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optim.load_state_dict(state["optimizers"])
+            if self.scaler.is_enabled() and state.get("scaler") is not None:  # none saved: fp16 starts here
+                self.scaler.load_state_dict(state["scaler"])
+            self.stream.load_state_dict(state["data"])
+            if self.reinit is not None and state.get("reinit") is not None:
+                self.reinit.load_state_dict(state["reinit"])
+            ranks = state["rng"]["ranks"]
+            if len(ranks) == self.env.world_size:
+                ckpt.set_rng_state(ranks[self.env.rank], self.device)
+        except DataError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            first = lines[1].strip() if len(lines) > 1 else lines[0]  # torch's first line says only "Error(s) in"
+            raise ckpt.CheckpointError(f"{path} does not fit this run ({first}): it is damaged or from another "
+                                  "model; resume from another checkpoint") from None
         self.init_from = state.get("init_from")
         self.step = state["step"]
-        ranks = state["rng"]["ranks"]
-        if len(ranks) == self.env.world_size:
-            ckpt.set_rng_state(ranks[self.env.rank], self.device)
-        else:  # another process count: data order is kept, dropout masks cannot be
+        if len(ranks) != self.env.world_size:  # another process count: data order is kept, dropout masks cannot be
             warnings.warn(f"{path} was written by {len(ranks)} processes, this run has {self.env.world_size}: "
                           "random state (dropout) is reseeded, so the run is not bit-identical")
             torch.manual_seed(self.config.train.seed + self.env.rank + self.step)
+        self.notes += [f"resuming with a changed {change} (from here on the run differs from the one it "
+                       "continues)" for change in steering]
         return path
 
     def _save(self) -> None:
@@ -306,6 +318,8 @@ class Trainer:
                     report = init_from_checkpoint(self.model, init_from, vocab_hash=self.train_data.vocab_hash)
                     self.init_from = report.source
                     self.log.message(report.summary())
+                for note in self.notes:
+                    self.log.message(note)
                 if self.env.is_main:
                     write_text_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
                 ddp_model = D.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,

@@ -12,7 +12,8 @@ from pkmlm import checkpoint as ckpt
 def _state(step, **extra):
     state = {"format": 1, "config": {"train": {"max_steps": 10}}, "model": {"w": torch.randn(3, 4)},
              "optimizers": {"dense": {"state": {}, "param_groups": []}}, "step": step,
-             "rng": ckpt.rng_state(torch.device("cpu")), "data": {"epoch": 0, "position": 7}, "vocab_hash": "abc"}
+             "rng": {"ranks": [ckpt.rng_state(torch.device("cpu"))]}, "data": {"epoch": 0, "position": 7},
+             "vocab_hash": "abc"}
     state.update(extra)
     return state
 
@@ -91,16 +92,21 @@ def test_save_rejects_incomplete_state(tmp_path):
         ckpt.save_checkpoint(state, tmp_path, keep=1)
 
 
-def test_check_resumable_allows_run_length_and_intervals_only():
-    saved = {"model": {"d_model": 64}, "train": {"max_steps": 10, "lr": 1e-3, "out_dir": "a", "eval_every": 5}}
-    ok = {"model": {"d_model": 64}, "train": {"max_steps": 50, "lr": 1e-3, "out_dir": "b", "eval_every": 7}}
-    ckpt.check_resumable(saved, ok)
-    bad = {"model": {"d_model": 32}, "train": {"max_steps": 10, "lr": 2e-3, "out_dir": "a", "eval_every": 5}}
+def test_check_resumable_allows_run_length_intervals_and_steering_only():
+    saved = {"model": {"d_model": 64}, "train": {"max_steps": 10, "lr": 1e-3, "out_dir": "a", "eval_every": 5,
+                                                 "weight_decay": 0.0, "grad_clip": 1.0}}
+    ok = {"model": {"d_model": 64}, "train": {"max_steps": 50, "lr": 1e-3, "out_dir": "b", "eval_every": 7,
+                                              "weight_decay": 0.0, "grad_clip": 1.0}}
+    assert ckpt.check_resumable(saved, ok) == []
+    # What the divergence message advises is allowed, and reported for the log.
+    steer = {**ok, "train": {**ok["train"], "lr": 5e-4, "grad_clip": 0.5}}
+    assert ckpt.check_resumable(saved, steer) == ["train.grad_clip: 1.0 -> 0.5", "train.lr: 0.001 -> 0.0005"]
+    bad = {"model": {"d_model": 32}, "train": {**saved["train"], "weight_decay": 0.1, "lr": 2e-3}}
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.check_resumable(saved, bad, "run/checkpoints/step_0000010.pt")
     message = str(err.value)
     assert "model.d_model: 64 in checkpoint, 32 now" in message
-    assert "train.lr" in message and "step_0000010.pt" in message
+    assert "train.weight_decay" in message and "train.lr:" not in message and "step_0000010.pt" in message
 
 
 def test_check_vocab():
@@ -118,3 +124,47 @@ def test_rng_state_roundtrip_through_file(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), device)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def _broken(key, value):
+    def edit(state):
+        node = state
+        *parents, last = key
+        for k in parents:
+            node = node[k]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    (("model",), [torch.zeros(1)], "'model' is a list, not a dict"),
+    (("model", "w"), [1, 2], "model entry 'w' is a list, not a tensor"),
+    (("step",), "12", "'step' is a str, not a int"),
+    (("step",), True, "'step' is a bool, not a int"),
+    (("step",), -1, "'step' is -1"),
+    (("config",), None, "'config' is a NoneType, not a dict"),
+    (("optimizers",), [], "'optimizers' is a list"),
+    (("vocab_hash",), 7, "'vocab_hash' is a int"),
+    (("rng", "ranks"), _DELETE, "'rng' lacks a non-empty list 'ranks'"),
+    (("rng", "ranks"), [], "'rng' lacks a non-empty list 'ranks'"),
+    (("rng", "ranks", 0, "python"), _DELETE, "rng state of rank 0: no 'python' generator"),
+    (("rng", "ranks", 0, "torch"), torch.zeros(3), "rng state of rank 0: 'torch' is not a byte tensor"),
+    (("rng", "ranks", 0, "numpy"), [1, 2], "rng state of rank 0: 'numpy' is not"),
+    (("scaler",), "x", "'scaler' is a str, not a dict or None"),
+    (("best",), {"step": 3}, "'best' must hold an integer step and a float valid_loss"),
+])
+def test_load_refuses_damaged_structure(tmp_path, key, value, message):
+    state = _state(5, scaler=None, best={"step": 5, "valid_loss": 1.5})
+    _broken(key, value)(state)
+    path = tmp_path / "crafted.pt"
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(path)
+    assert "damaged or not written by pkmlm" in str(err.value) and message in str(err.value)
+    assert "\n" not in str(err.value)

@@ -116,10 +116,51 @@ def test_wrong_types(path, override, expected):
     ("train.device=tpu", "'train.device': 'tpu'"),
     ("train.keep_checkpoints=0", "'train.keep_checkpoints'"),
     ("train.eval_batches=-1", "'train.eval_batches'"),
+    ("train.dist_timeout_s=0", "'train.dist_timeout_s': 0.0 (must be > 0 seconds)"),
 ])
 def test_invalid_values(path, override, expected):
     msg = error(path, [override])
     assert "invalid value for " + expected.split(": ")[0] in msg and expected in msg
+
+
+def _float_keys():
+    """Every float field of every section (list fields of floats as their first element)."""
+    import dataclasses
+    import typing
+    from pkmlm import config as C
+    for section, cls in typing.get_type_hints(C.Config).items():
+        for name, hint in typing.get_type_hints(cls).items():
+            if hint is float or (typing.get_origin(hint) is list and typing.get_args(hint) == (float,)):
+                yield f"{section}.{name}", hint is float
+
+
+@pytest.mark.parametrize("key, scalar", list(_float_keys()), ids=lambda k: str(k))
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+def test_every_float_key_refuses_nan_and_inf(path, key, scalar, bad):
+    value = bad if scalar else f"[0.9, {bad}]"
+    name = key if scalar else f"{key}[1]"
+    assert f"'{name}' must be a finite number" in error(path, [f"{key}={value}"])
+
+
+def test_nan_in_the_file_and_in_a_saved_config_is_refused(path):
+    msg = error(path, text=MINIMAL.replace("max_steps: 10", "max_steps: 10, grad_clip: .nan"))
+    assert "'train.grad_clip' must be a finite number, got nan" in msg
+    path.write_text(MINIMAL)
+    d = load_config(path).to_dict()
+    d["train"]["lr"] = float("inf")
+    with pytest.raises(ConfigError, match="checkpoint: 'train.lr' must be a finite number, got inf"):
+        Config.from_dict(d, source="checkpoint")
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_line(path):
+    msg = error(path, text=MINIMAL + "train: {max_steps: 20}\n")
+    assert "duplicate key 'train' on line 4 (first on line 3)" in msg
+    msg = error(path, text=MINIMAL.replace("bptt: 16", "bptt: 16, bptt: 32"))
+    assert "duplicate key 'bptt' on line 2 (first on line 2)" in msg
+    nested = MINIMAL.replace("train: {max_steps: 10}", "train:\n  max_steps: 10\n  lr: 1e-3\n  lr: 2e-3")
+    assert "duplicate key 'lr' on line 6 (first on line 5)" in error(path, text=nested)
+    path.write_text(MINIMAL)
+    assert "duplicate key 'a'" in error(path, ["train.betas=[{a: 1, a: 2}]"])
 
 
 def test_fp16_on_cpu_is_rejected(path):

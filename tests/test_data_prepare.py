@@ -139,3 +139,17 @@ def test_prepare_cli_errors_and_bbc_subset(tmp_path, capsys):
     assert "leave no training documents" in capsys.readouterr().err
     assert main(["--corpus", "bbc_news", "--vocab-size", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--vocab-size (2) must be at least 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["file.txt", "file.txt/sub"])
+def test_prepare_out_that_cannot_be_a_directory_is_one_line_exit_2(tmp_path, out):
+    import subprocess
+    import sys
+    (tmp_path / "file.txt").write_text("keep me")
+    (tmp_path / "doc.txt").write_text("Some text.\n")
+    proc = subprocess.run([sys.executable, "-m", "pkmlm.data.prepare", "--input", str(tmp_path / "doc.txt"),
+                           "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "file.txt" in proc.stderr and "give a" in proc.stderr
+    assert (tmp_path / "file.txt").read_text() == "keep me"

@@ -81,3 +81,71 @@ def test_missing_or_bad_manifest(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataError, match="not a readable manifest"):
         open_split(tmp_path / "train")
+
+
+def _edit_manifest(tmp_path, edit):
+    path = tmp_path / "train" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(vocab_size="10"), "'vocab_size' must be an integer, got '10'"),
+    (lambda m: m.update(num_tokens=True), "'num_tokens' must be an integer, got True"),
+    (lambda m: m.pop("vocab_hash"), "lacks vocab_hash"),
+    (lambda m: m.update(shards={"file": "x"}), "'shards' must be a list"),
+    (lambda m: m["shards"].__setitem__(1, "shard_00001.bin"), r"shards\[1\] must be a JSON object"),
+    (lambda m: m["shards"][2].pop("sha256"), r"shards\[2\] lacks sha256"),
+    (lambda m: m["shards"][0].update(num_tokens=-4), r"shards\[0\]: 'num_tokens' is negative"),
+    (lambda m: m["shards"][0].update(file=7), r"shards\[0\]: 'file' must be a string"),
+    (lambda m: m.update(eos_id=10), r"eos_id 10 is outside the vocabulary \[0, 10\)"),
+    (lambda m: m.update(vocab_size=0, dtype="uint16"), "vocab_size is 0"),
+    (lambda m: m.clear() or m.update(format=1), "lacks dtype, vocab_size"),
+])
+def test_manifest_schema_is_checked(tmp_path, edit, message):
+    write(tmp_path)
+    _edit_manifest(tmp_path, edit)
+    with pytest.raises(DataError, match=message):
+        open_split(tmp_path / "train")
+
+
+def test_manifest_that_is_not_an_object(tmp_path):
+    write(tmp_path)
+    (tmp_path / "train" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="must be a JSON object, got list"):
+        open_split(tmp_path / "train")
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/outside.bin", "sub/shard.bin", "..", ".", "",
+                                  "..\\outside.bin"])
+def test_shard_files_must_be_plain_names_inside_the_split(tmp_path, name):
+    write(tmp_path)
+    # A file of the right size outside the split: a manifest naming it must still be refused.
+    (tmp_path / "outside.bin").write_bytes(b"\0\0" * 4)
+    _edit_manifest(tmp_path, lambda m: m["shards"][0].update(file=name))
+    with pytest.raises(DataError, match="not a plain file name inside"):
+        open_split(tmp_path / "train")
+
+
+def test_ids_outside_the_vocabulary_are_caught_on_read_and_by_verify(tmp_path):
+    write(tmp_path)
+    shard = tmp_path / "train" / "shard_00002.bin"
+    bad = np.array([1, 2, 11, 3], dtype=np.uint16)  # 11 >= vocab_size 10
+    shard.write_bytes(bad.tobytes())
+    corpus = open_split(tmp_path / "train")  # sizes are right: opening is cheap and does not read the data
+    assert corpus.read(0, 10).tolist() == STREAM[:10]  # shards 0-1 and the first ids of shard 2 are fine
+    with pytest.raises(DataError, match=r"shard_00002.bin: token id 11 at position 2 is outside the vocabulary"):
+        corpus.read(6, 6)
+    _edit_manifest(tmp_path, lambda m: m["shards"][2].update(sha256=__import__("hashlib").sha256(
+        bad.tobytes()).hexdigest()))
+    with pytest.raises(DataError, match="shard_00002.bin: token id 11"):
+        open_split(tmp_path / "train", verify_checksums=True)
+
+
+def test_empty_split_is_refused_where_tokens_are_needed(tmp_path):
+    write(tmp_path, docs=[])
+    corpus = open_split(tmp_path / "train")
+    assert corpus.num_tokens == 0
+    with pytest.raises(DataError, match="holds no tokens, and validation needs some"):
+        open_split(tmp_path / "train", require_tokens="validation")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pkmlm.checkpoint import latest_checkpoint, load_checkpoint
 from pkmlm.config import Config
-from pkmlm.data.shards import open_split
+from pkmlm.data.shards import open_split, write_split
 from pkmlm.evaluation import EvaluationError, evaluate_checkpoint, load_model
 from pkmlm.metrics import memory_stats
 from pkmlm.trainer import train
@@ -129,7 +129,11 @@ def bad_inputs(run, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
     other_vocab = _write_data(tmp_path / "other", vocab_hash="another-vocab")
+    empty = tmp_path / "empty"
+    write_split(empty / "test", [], vocab_size=VOCAB, vocab_hash="eval-vocab", eos_id=1)
     return {
+        "empty split": ([str(checkpoint), "--data-dir", str(empty), "--split", "test"],
+                        "holds no tokens, and evaluation needs some"),
         "missing": ([str(tmp_path / "nope.pt")], "does not exist"),
         "empty run dir": ([str(tmp_path)], "without checkpoints"),
         "truncated": ([str(truncated)], "cannot read checkpoint"),
@@ -138,7 +142,8 @@ def bad_inputs(run, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty run dir", "truncated", "other vocabulary", "no such split"])
+@pytest.mark.parametrize("case", ["missing", "empty run dir", "truncated", "other vocabulary", "no such split",
+                                  "empty split"])
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, bad_inputs, tmp_path):
     args, message = bad_inputs[case]
     out = tmp_path / "out.json"
@@ -168,3 +173,18 @@ def test_two_processes_all_reduce_losses_and_histograms(run, tmp_path):
     for key, value in one.items():
         if "/" in key:  # every memory metric, per head too: the summed histograms are the same
             assert two[key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_huge_loss_prints_inf_perplexity_in_every_output(run, tmp_path, monkeypatch):
+    """A finite loss too large for exp(): perplexity inf in the table, CSV and JSON (no OverflowError)."""
+    import importlib.util
+    import pkmlm.evaluation as evaluation
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *a, **k: 1e4)
+    assert cli.main([str(run[1]), "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]) == 0
+    row = json.loads((tmp_path / "r.json").read_text())[0]
+    assert row["valid_loss"] == 1e4 and row["valid_ppl"] == math.inf
+    assert "valid_ppl" in (tmp_path / "r.csv").read_text() and ",inf," in (tmp_path / "r.csv").read_text()
+    assert cli.markdown_table([row], ["valid"]).splitlines()[2].split(" | ")[5] == "inf"

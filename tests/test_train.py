@@ -13,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from pkmlm.checkpoint import list_checkpoints, load_checkpoint
+from pkmlm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from pkmlm.config import Config, load_config
+from pkmlm.data.shards import write_split
 from pkmlm.model import TransformerLM
 from pkmlm.trainer import TrainingError, clip_grad_norm_, train
 
@@ -60,8 +61,9 @@ def test_resume_refuses_changed_config_and_occupied_out_dir(data_dir, tmp_path):
     train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 1})))
     with pytest.raises(TrainingError, match="--resume"):
         train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 2})))
-    with pytest.raises(Exception, match="train.lr: 0.003 in checkpoint, 0.001 now"):
-        train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 2, "lr": 1e-3})), resume="latest")
+    with pytest.raises(Exception, match="train.weight_decay: 0.0 in checkpoint, 0.1 now"):
+        train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 2, "weight_decay": 0.1})),
+              resume="latest")
 
 
 def test_global_batch_loss_does_not_depend_on_grad_accum(data_dir, tmp_path):
@@ -141,6 +143,31 @@ def test_progress_off_a_terminal_is_plain_lines_and_partial_validation_says_so(d
     assert "valid loss" in (err := capsys.readouterr().err) and "batches per rank" not in err
 
 
+def test_divergence_advice_works_resume_with_lower_lr(data_dir, tmp_path, monkeypatch, capsys):
+    """The divergence message advises a lower train.lr (etc.) on resume: that resume must be accepted and used."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 2})))
+    with monkeypatch.context() as m:
+        _nan_on_calls(m, "all")
+        with pytest.raises(TrainingError, match="lower train.lr"):
+            train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 6, "max_nonfinite": 2})),
+                  resume="latest")
+    capsys.readouterr()
+    advice = {"lr": 1e-3, "warmup_steps": 4, "grad_clip": 0.5, "precision": "bf16"}
+    result = train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 4, **advice})), resume="latest")
+    assert result.step == 4 and all(np.isfinite(v) for v in result.losses.values())
+    err = capsys.readouterr().err
+    for change in ("train.lr: 0.003 -> 0.001", "train.warmup_steps: 2 -> 4", "train.grad_clip: 1.0 -> 0.5",
+                   "train.precision: 'fp32' -> 'bf16'"):
+        assert f"resuming with a changed {change}" in err
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    lr = {e.step: e.value for e in events.Scalars("lr/dense")}
+    assert lr[4] == pytest.approx(1e-3)  # the new lr at the new warmup's end (step 4 of 4), not the saved 3e-3
+    assert load_config(tmp_path / "config.yaml").train.lr == 1e-3
+
+
 def test_clip_grad_norm_handles_sparse_rows():
     dense = torch.nn.Parameter(torch.zeros(3))
     dense.grad = torch.tensor([3.0, 0.0, 0.0])
@@ -191,6 +218,95 @@ def test_cli_errors_are_one_line_exit_2(args, message, data_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _broken_copy(data_dir, tmp_path, case):
+    """A copy of ``data_dir`` with one class of bad data."""
+    import json
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    manifest = root / "train" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    if case == "empty valid split":
+        write_split(root / "valid", [], vocab_size=VOCAB, vocab_hash="test-vocab", eos_id=0)
+    elif case == "id outside the vocabulary":
+        shard = root / "train" / m["shards"][0]["file"]
+        ids = np.fromfile(shard, dtype=np.uint16)
+        ids[::7] = VOCAB + 3
+        ids.tofile(shard)
+    elif case == "eos outside the vocabulary":
+        manifest.write_text(json.dumps({**m, "eos_id": VOCAB}))
+    elif case == "shard outside the split":
+        (root / "stolen.bin").write_bytes((root / "train" / m["shards"][0]["file"]).read_bytes())
+        m["shards"][0]["file"] = "../stolen.bin"
+        manifest.write_text(json.dumps(m))
+    elif case == "string vocab_size":
+        manifest.write_text(json.dumps({**m, "vocab_size": str(VOCAB)}))
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty valid split", "holds no tokens, and validation needs some"),
+    ("id outside the vocabulary", f"is outside the vocabulary [0, {VOCAB}) (corrupt or foreign shard)"),
+    ("eos outside the vocabulary", f"eos_id {VOCAB} is outside the vocabulary"),
+    ("shard outside the split", "'../stolen.bin' is not a plain file name inside"),
+    ("string vocab_size", "'vocab_size' must be an integer"),
+])
+def test_cli_bad_data_is_one_line_exit_2(case, message, data_dir, tmp_path):
+    root = _broken_copy(data_dir, tmp_path, case)
+    cfg = _write_config(tmp_path / "c.yaml", tiny(root, tmp_path / "run"))
+    proc = subprocess.run([sys.executable, "train.py", "--config", cfg], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    # Found while training (ids are checked as they are read): the progress bar may precede the one error line.
+    errors = [line for line in proc.stderr.splitlines() if "step/s" not in line and line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_cli_crafted_checkpoints_are_one_line_exit_2(data_dir, tmp_path):
+    out = tmp_path / "run"
+    config = tiny(data_dir, out, train={"max_steps": 1})
+    train(Config.from_dict(config))
+    state = load_checkpoint(list_checkpoints(out)[-1])
+    cases = {
+        "no rng": ({**state, "rng": {}}, "damaged or not written by pkmlm: 'rng' lacks"),
+        "model a list": ({**state, "model": list(state["model"].values())}, "'model' is a list, not a dict"),
+        "weights missing": ({**state, "model": {k: v for k, v in list(state["model"].items())[1:]}},
+                            "does not fit this run (Missing key(s)"),
+        "optimizer of another model": ({**state, "optimizers": {"dense": {}, "values": None}},
+                                       "does not fit this run"),
+        "rng of another kind": ({**state, "rng": {"ranks": [{**state["rng"]["ranks"][0],
+                                                             "torch": torch.zeros(5, dtype=torch.uint8)}]}},
+                                "does not fit this run"),
+    }
+    longer = {**config, "train": {**config["train"], "max_steps": 3}}
+    for name, (crafted, message) in cases.items():  # in process: fast
+        torch.save(crafted, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError) as err:
+            train(Config.from_dict(longer), resume=tmp_path / f"{name}.pt")
+        assert message in str(err.value) and "\n" not in str(err.value), name
+    # and one through the command line
+    proc = subprocess.run([sys.executable, "train.py", "--config", _write_config(tmp_path / "c.yaml", longer),
+                           "--resume", str(tmp_path / "weights missing.pt")], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and "does not fit this run (Missing key(s)" in proc.stderr
+
+
+def test_cli_prints_inf_perplexity_for_a_huge_loss(monkeypatch, capsys):
+    """A finite loss too large for exp() (e.g. 1e4 nats) is reported as perplexity inf, not an OverflowError."""
+    import importlib.util
+    from pkmlm.trainer import TrainResult
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(cli, "load_config", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "train", lambda *a, **k: TrainResult(step=3, valid_loss=1e4))
+    assert cli.main(["--config", "x.yaml"]) == 0
+    assert "step 3: valid loss 10000.0000, perplexity inf" in capsys.readouterr().out
 
 
 def test_cli_print_config(data_dir, tmp_path):

@@ -79,8 +79,14 @@ def prepare(out, *, inputs=None, corpus: str | None = None, split: str = "file",
         raise DataError(f"--vocab-size ({vocab_size}) must be at least 3 and --max-shard-tokens "
                         f"({max_shard_tokens}) positive")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is an existing file, not a directory: give a directory path")
     work = out / f".work-{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, read-only file system, ...
+        raise DataError(f"cannot create --out {out} ({e.strerror}: {e.filename}): give a writable "
+                        f"directory path") from None
     report = {"inputs": [str(p) for p in inputs] if inputs else [], "corpus": corpus, "bpe": bpe,
               "seconds": {}}
     try:

@@ -132,7 +132,12 @@ def _sha256(path: Path) -> str:
 
 
 class TokenCorpus:
-    """One split as a single token stream over memory-mapped shards; nothing is read up front."""
+    """One split as a single token stream over memory-mapped shards; nothing is read up front.
+
+    Every `read` checks the ids it returns against `vocab_size` (one max over tokens it has just copied:
+    far cheaper than scanning whole shards at start, and no id escapes it), so a corrupt or foreign shard
+    is a DataError naming the file, never an index error (or a device-side assert) inside the model.
+    """
 
     def __init__(self, split_dir: Path, manifest: dict):
         self.split_dir = split_dir
@@ -144,8 +149,22 @@ class TokenCorpus:
         self.dtype = np.dtype(manifest["dtype"])
         self._shards = [np.memmap(split_dir / s["file"], dtype=self.dtype, mode="r")
                         for s in manifest["shards"]]
+        self._files = [split_dir / s["file"] for s in manifest["shards"]]
         # _starts[i] = position of shard i's first token in the stream.
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+
+    def check_ids(self, shard: int, tokens: np.ndarray | None = None, offset: int = 0) -> None:
+        """DataError unless every id of ``tokens`` (default: the whole shard, read blockwise), found at
+        ``offset`` in ``shard``, is < vocab_size."""
+        if tokens is None:
+            for start in range(0, len(self._shards[shard]), 1 << 24):
+                self.check_ids(shard, self._shards[shard][start:start + (1 << 24)], start)
+            return
+        if len(tokens) and tokens.max() >= self.vocab_size:
+            where = int(np.argmax(tokens >= self.vocab_size))
+            raise DataError(f"{self._files[shard]}: token id {int(tokens[where])} at position {offset + where} "
+                            f"is outside the vocabulary [0, {self.vocab_size}) (corrupt or foreign shard): "
+                            f"prepare the split again")
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -161,17 +180,74 @@ class TokenCorpus:
             offset = start + done - self._starts[shard]
             chunk = self._shards[shard][offset:offset + length - done]
             out[done:done + len(chunk)] = chunk
+            self.check_ids(shard, out[done:done + len(chunk)], offset)
             done += len(chunk)
             shard += 1
         return out
 
 
+# What a manifest must hold, and of which type (bool is not an int here). Checked on every open.
+MANIFEST_SCHEMA = {"format": int, "dtype": str, "vocab_size": int, "vocab_hash": str, "eos_id": int,
+                   "num_tokens": int, "num_documents": int, "shards": list}
+SHARD_SCHEMA = {"file": str, "num_tokens": int, "sha256": str}
+
+
+def _check_fields(entry, schema: dict, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise DataError(f"{where} must be a JSON object, got {type(entry).__name__}: prepare the data again")
+    missing = [k for k in schema if k not in entry]
+    if missing:
+        raise DataError(f"{where} lacks {', '.join(missing)}: prepare the data again")
+    for key, kind in schema.items():
+        value = entry[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(f"{where}: '{key}' must be {_KIND_NAMES[kind]}, got {value!r}: prepare the data again")
+        if kind is int and value < 0:
+            raise DataError(f"{where}: '{key}' is negative ({value}): prepare the data again")
+
+
+_KIND_NAMES = {int: "an integer", str: "a string", list: "a list"}
+
+
+def _shard_file(split_dir: Path, name: str, where: str) -> Path:
+    """The shard ``name`` as a file directly inside ``split_dir``; a manifest never names a path elsewhere."""
+    plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    file = Path(os.path.abspath(split_dir / name)) if plain else None
+    if file is None or file.parent != Path(os.path.abspath(split_dir)):
+        raise DataError(f"{where}: shard file {name!r} is not a plain file name inside {split_dir} "
+                        f"(a manifest may not point elsewhere): prepare the data again")
+    return file
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """Schema and value checks of a manifest read from ``path``; DataError naming the entry at fault."""
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT and "format" in manifest:
+        raise DataError(f"{path} has format {manifest.get('format')!r}; this code reads format {FORMAT}: "
+                        f"prepare the data again")
+    _check_fields(manifest, MANIFEST_SCHEMA, str(path))
+    vocab_size = manifest["vocab_size"]
+    if vocab_size < 1:
+        raise DataError(f"{path}: vocab_size is {vocab_size}: prepare the data again")
+    if manifest["dtype"] != token_dtype(vocab_size).name:
+        raise DataError(f"{path}: dtype {manifest['dtype']} does not match vocab_size "
+                        f"{vocab_size}: prepare the data again")
+    if not manifest["eos_id"] < vocab_size:
+        raise DataError(f"{path}: eos_id {manifest['eos_id']} is outside the vocabulary [0, {vocab_size}): "
+                        f"prepare the data again")
+    for i, shard in enumerate(manifest["shards"]):
+        _check_fields(shard, SHARD_SCHEMA, f"{path}: shards[{i}]")
+
+
 def open_split(split_dir, *, expected_vocab_hash: str | None = None,
-               verify_checksums: bool = False) -> TokenCorpus:
+               verify_checksums: bool = False, require_tokens: str | None = None) -> TokenCorpus:
     """Open a split written by `write_split`, checking its manifest, shard sizes and vocabulary.
 
+    Checked here: the manifest's schema (keys and types), that shard files are plain names inside
+    `split_dir`, `eos_id` inside the vocabulary, shard sizes. Token ids are checked against `vocab_size`
+    by every read (see `TokenCorpus`).
     `expected_vocab_hash`: the model's vocabulary hash; a different one is an error (the ids would
-    mean other tokens). `verify_checksums`: also hash every shard (reads the whole split once).
+    mean other tokens). `verify_checksums`: also hash every shard and check all its ids (reads the whole
+    split once). `require_tokens`: what needs this split (e.g. "validation"); an empty split is then an error.
     """
     split_dir = Path(split_dir)
     path = split_dir / MANIFEST
@@ -182,21 +258,14 @@ def open_split(split_dir, *, expected_vocab_hash: str | None = None,
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is not a readable manifest ({e}): prepare the data again") from e
-    missing = {"format", "dtype", "vocab_size", "vocab_hash", "eos_id", "num_tokens",
-               "num_documents", "shards"} - set(manifest)
-    if manifest.get("format") != FORMAT or missing:
-        raise DataError(f"{path} has format {manifest.get('format')!r} (missing keys: "
-                        f"{sorted(missing)}); this code reads format {FORMAT}: prepare the data again")
-    if manifest["dtype"] != token_dtype(manifest["vocab_size"]).name:
-        raise DataError(f"{path}: dtype {manifest['dtype']} does not match vocab_size "
-                        f"{manifest['vocab_size']}: prepare the data again")
+    _check_manifest(manifest, path)
     if expected_vocab_hash is not None and manifest["vocab_hash"] != expected_vocab_hash:
         raise DataError(f"{path}: vocabulary hash {manifest['vocab_hash']} differs from the model's "
                         f"{expected_vocab_hash}: the data was tokenized with another vocabulary; "
                         f"use the data directory the model was trained on, or re-prepare it")
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for shard in manifest["shards"]:
-        file = split_dir / shard["file"]
+    for i, shard in enumerate(manifest["shards"]):
+        file = _shard_file(split_dir, shard["file"], f"{path}: shards[{i}]")
         expected = shard["num_tokens"] * itemsize
         size = file.stat().st_size if file.is_file() else None
         if size != expected:
@@ -208,4 +277,11 @@ def open_split(split_dir, *, expected_vocab_hash: str | None = None,
                             f"copy or prepare the split again")
     if sum(s["num_tokens"] for s in manifest["shards"]) != manifest["num_tokens"]:
         raise DataError(f"{path}: shard token counts do not add up to num_tokens: prepare again")
-    return TokenCorpus(split_dir, manifest)
+    if require_tokens and manifest["num_tokens"] == 0:
+        raise DataError(f"{split_dir} holds no tokens, and {require_tokens} needs some: prepare the data "
+                        f"with documents held out for it (e.g. --valid 0.05 --test 0.05)")
+    corpus = TokenCorpus(split_dir, manifest)
+    if verify_checksums:  # the shards were just read anyway: check every id now, not only when read
+        for shard in range(len(manifest["shards"])):
+            corpus.check_ids(shard)
+    return corpus
