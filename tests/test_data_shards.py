@@ -75,6 +75,10 @@ def test_missing_or_bad_manifest(tmp_path):
     write(tmp_path)
     path = tmp_path / "train" / "manifest.json"
     manifest = json.loads(path.read_text())
+    assert manifest["newline_id"] is None and manifest["format"] == 2
+    path.write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(DataError, match="format 1, written by an older pkmlm.*prepare the data again"):
+        open_split(tmp_path / "train")
     path.write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(DataError, match="format 99"):
         open_split(tmp_path / "train")

@@ -126,9 +126,11 @@ def _documents(path, file_kind, stream, split, text_field, stats) -> Iterator[Do
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
                 stats.bad_lines += 1
                 continue
-            text = record.get(text_field) if isinstance(record, dict) else None
+            text = record.get(text_field)
             if not isinstance(text, str):
                 stats.missing_field += 1
                 continue
