@@ -238,7 +238,7 @@ class MosesTask(PipelineStep):
 
 def _quiet_datatrove() -> None:
     """Console: warnings only. datatrove's per-task logs (OUT/.prepare/logs/logs) keep everything."""
-    from loguru import logger
+    from datatrove.utils.logging import logger
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
