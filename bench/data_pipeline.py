@@ -40,7 +40,7 @@ def sentences() -> list[str]:
 
 def generate(directory: Path, megabytes: float, *, files: int = 48, seed: int = 0) -> dict:
     """SIZE MB (uncompressed) of new documents in `files` .jsonl.gz files; reused when present."""
-    stamp = directory / "generated.json"
+    stamp = directory.with_name(directory.name + ".json")  # beside the corpus, not read as input
     if stamp.is_file():
         return json.loads(stamp.read_text())
     directory.mkdir(parents=True, exist_ok=True)
