@@ -261,9 +261,7 @@ def run_tasks_local(plan: Plan, *, workers: int | None = None, progress: str = "
     workers = max(1, min(workers or cpu_count(), tasks))
     executor = _LocalExecutor([MosesTask(plan)], tasks=tasks, workers=workers,
                               logging_dir=str(plan.work / "logs"))
-    done = [r for r in range(tasks) if executor.is_rank_completed(r) and plan.task_dir(r).is_dir()]
-    for rank in set(range(tasks)) - set(done):  # completion without output: redo
-        (plan.work / "logs" / "completions" / f"{rank:05d}").unlink(missing_ok=True)
+    done = _forget_lost_tasks(plan)
     bar = Progress("moses", total=sum(plan.sizes), mode=progress, every=every)
     if done:
         bar.write(f"[moses] {len(done)} of {tasks} tasks already finished: skipped")
@@ -289,6 +287,18 @@ def run_tasks_local(plan: Plan, *, workers: int | None = None, progress: str = "
         position, stats = _tasks_progress(plan)
         bar.set(position, **stats)
         bar.close()
+
+
+def _forget_lost_tasks(plan: Plan) -> list[int]:
+    """Tasks that are finished and whose output is there; the others lose their completion mark."""
+    done = []
+    for rank in range(len(plan.ranges)):
+        mark = plan.work / "logs" / "completions" / f"{rank:05d}"
+        if mark.is_file() and plan.task_dir(rank).is_dir():
+            done.append(rank)
+        else:
+            mark.unlink(missing_ok=True)  # e.g. its output was deleted: run it again
+    return done
 
 
 def _tasks_progress(plan: Plan) -> tuple[int, dict]:
@@ -550,6 +560,7 @@ def submit_slurm(out, slurm: SlurmSettings, *, inputs=None, corpus=None, split="
     if shutil.which("sbatch") is None:
         raise DataError("--executor slurm needs sbatch on PATH: run on a Slurm login node, or use "
                         "--executor local")
+    _forget_lost_tasks(plan)
     tasks_job, merge_job = slurm_executors(plan, settings, slurm, workers)
     _quiet_datatrove()
     merge_job.run()
