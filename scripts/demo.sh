@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 PY=${VENV:-.venv}/bin/python
 DATA=data/bbc_news
 
-if [ ! -f "$DATA/valid/manifest.json" ]; then
+# Prepared once; again when this version cannot read it (e.g. format 1, before line breaks were kept).
+if ! "$PY" -c "import sys; from pkmlm.data.bpe import load_tokenizer; from pkmlm.data.shards import open_split
+load_tokenizer(sys.argv[1] + '/tokenizer'); open_split(sys.argv[1] + '/valid')" "$DATA" 2>/dev/null; then
     echo "== preparing $DATA (Moses tokenization + sentencepiece BPE; once)"
     "$PY" -m pkmlm.data.prepare --corpus bbc_news --out "$DATA"
 fi

@@ -75,6 +75,10 @@ def test_missing_or_bad_manifest(tmp_path):
     write(tmp_path)
     path = tmp_path / "train" / "manifest.json"
     manifest = json.loads(path.read_text())
+    assert manifest["newline_id"] is None and manifest["format"] == 2
+    path.write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(DataError, match="format 1, written by an older pkmlm.*prepare the data again"):
+        open_split(tmp_path / "train")
     path.write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(DataError, match="format 99"):
         open_split(tmp_path / "train")
@@ -101,7 +105,9 @@ def _edit_manifest(tmp_path, edit):
     (lambda m: m["shards"][0].update(file=7), r"shards\[0\]: 'file' must be a string"),
     (lambda m: m.update(eos_id=10), r"eos_id 10 is outside the vocabulary \[0, 10\)"),
     (lambda m: m.update(vocab_size=0, dtype="uint16"), "vocab_size is 0"),
-    (lambda m: m.clear() or m.update(format=1), "lacks dtype, vocab_size"),
+    (lambda m: m.clear() or m.update(format=2), "lacks dtype, vocab_size"),
+    (lambda m: m.update(format=1), "format 1, written by an older pkmlm"),
+    (lambda m: m.update(newline_id=10), r"newline_id 10 must be null or an id inside the vocabulary"),
 ])
 def test_manifest_schema_is_checked(tmp_path, edit, message):
     write(tmp_path)

@@ -1,9 +1,12 @@
 """Subword vocabularies behind one interface: sentencepiece BPE (default) or fastBPE.
 
 Both read Moses-tokenized text (paragraphs on separate lines) and use the same special ids:
-0 = <unk>, 1 = </s> (end of document). A tokenizer lives in a directory with its backend's files
-(`spm.model`, or fastBPE's `codes` and `vocab`, in the original release's formats) and a
-`tokenizer.json` naming them, with the vocabulary size and hash that every binarized split records.
+0 = <unk>, 1 = </s> (end of document), 2 = <n> (line break inside a document). A document of L lines
+is `line1 <n> line2 <n> ... lineL </s>`: L boundary tokens, as many as the paper's `</s>` after every
+line, while `</s>` keeps meaning "end of document" for batching, evaluation and generation.
+A tokenizer lives in a directory with its backend's files (`spm.model`, or fastBPE's `codes` and
+`vocab`, in the original release's formats) and a `tokenizer.json` naming them, with the vocabulary
+size and hash that every binarized split records and the Moses settings the text was prepared with.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pkmlm.data import DataError
+from pkmlm.data.tokenize import MosesSettings, detokenize, tokenize
 from pkmlm.fileio import write_text_atomic
 
 BACKENDS = ("sentencepiece", "fastbpe")
-UNK_ID, EOS_ID = 0, 1
+UNK_ID, EOS_ID, NEWLINE_ID = 0, 1, 2
+SPECIAL = {"<unk>": UNK_ID, "</s>": EOS_ID, "<n>": NEWLINE_ID}
 META = "tokenizer.json"
+META_FORMAT = 2  # 1: no <n> id, lines of a document were run together
 
 
 class Tokenizer:
@@ -38,7 +44,8 @@ class Tokenizer:
 
     def __init__(self, directory: Path, pieces: list[str]):
         self.directory, self.pieces = Path(directory), pieces
-        self.eos_id, self.unk_id = EOS_ID, UNK_ID
+        self.eos_id, self.unk_id, self.newline_id = EOS_ID, UNK_ID, NEWLINE_ID
+        self.moses = MosesSettings()  # load_tokenizer sets the recorded settings
 
     @property
     def vocab_size(self) -> int:
@@ -50,18 +57,59 @@ class Tokenizer:
         text = "\n".join([self.backend, *self.pieces])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text (its lines encoded one after another); no eos is added."""
+    def _encode_lines(self, lines: list[str]) -> list[list[int]]:
+        """Ids of each line (no line breaks inside)."""
         raise NotImplementedError
 
-    def decode(self, ids) -> str:
-        """Moses-tokenized text of `ids`; eos ids are dropped."""
+    def _decode_line(self, ids: list[int]) -> str:
+        """Moses-tokenized text of the ids of one line."""
         raise NotImplementedError
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each Moses-tokenized text, its lines joined by `newline_id`; no eos is added."""
+        lines = [text.split("\n") for text in texts]
+        flat = self._encode_lines([line for doc in lines for line in doc])
+        out, i = [], 0
+        for doc in lines:
+            ids = []
+            for piece_ids in flat[i:i + len(doc)]:
+                ids.extend(piece_ids)
+                ids.append(NEWLINE_ID)
+            out.append(ids[:-1])
+            i += len(doc)
+        return out
+
+    def decode(self, ids, *, detokenized: bool = True) -> str:
+        """Text of `ids`: the one way back from ids, for samples, generation and tests.
+
+        `newline_id` becomes a line break and `eos_id` a blank line (end of document; trailing
+        ones dropped). detokenized=True: Moses-detokenized for reading; False: the Moses-tokenized
+        text that was encoded (lowercasing and removed accents are not undone).
+        """
+        docs, lines, line = [], [], []
+        for i in map(int, ids):
+            if i == self.newline_id or i == self.eos_id:
+                lines.append(self._decode_line(line))
+                line = []
+                if i == self.eos_id:
+                    docs.append("\n".join(lines))
+                    lines = []
+            else:
+                line.append(i)
+        if line or lines:
+            lines.append(self._decode_line(line))
+            docs.append("\n".join(lines))
+        text = "\n\n".join(docs)
+        return detokenize(text, self.moses.lang) if detokenized else text
+
+    def tokenize(self, text: str) -> str:
+        """Raw text -> what `encode` takes: Moses with the settings the data was prepared with."""
+        return tokenize(text, self.moses)
 
     def save_meta(self) -> None:
-        meta = {"format": 1, "backend": self.backend, "files": self.files,
+        meta = {"format": META_FORMAT, "backend": self.backend, "files": self.files,
                 "vocab_size": self.vocab_size, "vocab_hash": self.vocab_hash, "eos_id": self.eos_id,
-                "special": {"<unk>": self.unk_id, "</s>": self.eos_id}}
+                "newline_id": self.newline_id, "special": SPECIAL, "moses": self.moses.as_dict()}
         write_text_atomic(self.directory / META, json.dumps(meta, indent=1))
 
 
@@ -85,14 +133,16 @@ class SentencePieceTokenizer(Tokenizer):
                 input=str(text_file), model_prefix=str(directory / "spm"), model_type="bpe",
                 vocab_size=vocab_size, character_coverage=1.0, unk_id=UNK_ID, eos_id=EOS_ID,
                 bos_id=-1, pad_id=-1,
+                # id 2; a control symbol is never produced from text, so a literal "<n>" stays text.
+                control_symbols=["<n>"],
                 # Characters never seen in training become their UTF-8 bytes, not <unk>: every
                 # text survives encode/decode. Costs 256 ids.
                 byte_fallback=True,
                 # Identity normalisation: Moses already normalised, and decoding stays exact.
                 normalization_rule_name="identity", max_sentence_length=1 << 16,
-                # Large corpora: learn from a random sample of lines rather than all of them.
+                # The sample is bounded by --bpe-sample-bytes; this bounds its lines too.
                 input_sentence_size=2_000_000, shuffle_input_sentence=True,
-                num_threads=os.cpu_count() or 1, minloglevel=2)
+                num_threads=cpu_count(), minloglevel=2)
         except RuntimeError as e:
             raise DataError(f"sentencepiece could not learn {vocab_size} pieces from {text_file} "
                             f"({e}): use a --vocab-size between 256 + the number of distinct "
@@ -100,17 +150,11 @@ class SentencePieceTokenizer(Tokenizer):
         (directory / "spm.vocab").unlink(missing_ok=True)  # a readable copy of the model; unused
         return cls(directory)
 
-    def encode(self, texts):
-        lines = [text.split("\n") for text in texts]
-        flat = self.sp.encode([line for doc in lines for line in doc])
-        out, i = [], 0
-        for doc in lines:
-            out.append([t for piece_ids in flat[i:i + len(doc)] for t in piece_ids])
-            i += len(doc)
-        return out
+    def _encode_lines(self, lines):
+        return self.sp.encode(lines, num_threads=cpu_count())
 
-    def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids if i != self.eos_id])
+    def _decode_line(self, ids):
+        return self.sp.decode(ids)
 
 
 @contextmanager
@@ -141,7 +185,7 @@ def fast_binary() -> str:
 
 
 class FastBPETokenizer(Tokenizer):
-    """fastBPE codes and vocab; ids: <unk>, </s>, then the vocab file's entries in its order."""
+    """fastBPE codes and vocab; ids: <unk>, </s>, <n>, then the vocab file's entries in its order."""
 
     backend = "fastbpe"
     files = {"codes": "codes", "vocab": "vocab"}
@@ -154,7 +198,7 @@ class FastBPETokenizer(Tokenizer):
                             "run scripts/install_fastbpe.sh") from e
         directory = Path(directory)
         vocab = [line.split(" ")[0] for line in (directory / "vocab").read_text().splitlines() if line]
-        super().__init__(directory, ["<unk>", "</s>", *vocab])
+        super().__init__(directory, [*SPECIAL, *vocab])
         with _silenced():
             self.bpe = fastBPE.fastBPE(str(directory / "codes"), str(directory / "vocab"))
         self.ids = {piece: i for i, piece in enumerate(self.pieces)}
@@ -178,25 +222,29 @@ class FastBPETokenizer(Tokenizer):
             raise DataError(f"fastBPE failed on {text_file}: {e.stderr.decode(errors='replace')}") from e
         return cls(directory)
 
-    def encode(self, texts):
-        lines = [text.split("\n") for text in texts]
-        flat = self.bpe.apply([line for doc in lines for line in doc])
-        out, i = [], 0
-        for doc in lines:
-            out.append([self.ids.get(p, UNK_ID) for line in flat[i:i + len(doc)] for p in line.split()])
-            i += len(doc)
-        return out
+    def _encode_lines(self, lines):
+        # Special pieces are ids, never text: a literal "</s>" in the text is unknown to fastBPE.
+        return [[self.ids.get(p, UNK_ID) if p not in SPECIAL else UNK_ID for p in line.split()]
+                for line in self.bpe.apply(lines)]
 
-    def decode(self, ids):
-        text = " ".join(self.pieces[int(i)] for i in ids if i != self.eos_id)
-        return (text + " ").replace("@@ ", "").rstrip(" ")
+    def _decode_line(self, ids):
+        return (" ".join(self.pieces[i] for i in ids) + " ").replace("@@ ", "").rstrip(" ")
 
 
 _CLASSES = {"sentencepiece": SentencePieceTokenizer, "fastbpe": FastBPETokenizer}
 
 
-def learn_tokenizer(backend: str, text_file, directory, vocab_size: int, seed: int = 0) -> Tokenizer:
-    """Learn a `backend` vocabulary from `text_file` (one Moses-tokenized paragraph per line)."""
+def cpu_count() -> int:
+    """CPUs this process may use (a Slurm allocation, not the whole node)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def learn_tokenizer(backend: str, text_file, directory, vocab_size: int, seed: int = 0,
+                    moses: MosesSettings = MosesSettings()) -> Tokenizer:
+    """Learn a `backend` vocabulary from `text_file` (one Moses-tokenized paragraph per line).
+
+    `moses`: the settings `text_file` was tokenized with, recorded for `Tokenizer.tokenize`.
+    """
     if backend not in _CLASSES:
         raise DataError(f"unknown BPE backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if vocab_size < 3:
@@ -204,6 +252,7 @@ def learn_tokenizer(backend: str, text_file, directory, vocab_size: int, seed: i
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _CLASSES[backend].learn(Path(text_file), directory, vocab_size, seed)
+    tokenizer.moses = moses
     tokenizer.save_meta()
     return tokenizer
 
@@ -214,10 +263,15 @@ def load_tokenizer(directory) -> Tokenizer:
     if not path.is_file():
         raise DataError(f"{path} not found: prepare the data first (python -m pkmlm.data.prepare)")
     meta = json.loads(path.read_text())
+    if meta.get("format") != META_FORMAT:
+        raise DataError(f"{path} has format {meta.get('format')!r}, written by an older pkmlm whose "
+                        f"token stream had no line breaks; this code reads format {META_FORMAT}: "
+                        f"prepare the data again (python -m pkmlm.data.prepare)")
     if meta.get("backend") not in _CLASSES:
         raise DataError(f"{path}: unknown backend {meta.get('backend')!r}: prepare the data again")
     tokenizer = _CLASSES[meta["backend"]](directory)
     if tokenizer.vocab_hash != meta.get("vocab_hash"):
         raise DataError(f"{path}: the vocabulary files hash to {tokenizer.vocab_hash}, not "
                         f"{meta.get('vocab_hash')}: they were changed; prepare the data again")
+    tokenizer.moses = MosesSettings(**meta["moses"])
     return tokenizer

@@ -1,7 +1,8 @@
 """Binarized token splits: flat `.bin` arrays readable with `numpy.memmap`, plus a manifest.
 
 A split directory holds `manifest.json` and `shard_00000.bin`, `shard_00001.bin`, ... Documents are
-stored one after another, each followed by `eos_id`, so the split is one contiguous token stream.
+stored one after another, each followed by `eos_id`, so the split is one contiguous token stream;
+line breaks inside a document are `newline_id` tokens (format 2; format 1 had none).
 Writing goes to a temporary directory that replaces the split only once every shard and the
 manifest are on disk: an interrupted run never leaves a split that looks complete.
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from pkmlm.data import DataError
 
-FORMAT = 1
+FORMAT = 2  # 2: documents keep their line breaks (newline_id); 1: lines were run together
 MANIFEST = "manifest.json"
 DEFAULT_MAX_SHARD_TOKENS = 1 << 26  # 128 MiB per shard at uint16: few files, none too large to copy
 
@@ -76,10 +77,12 @@ class _ShardWriter:
 
 
 def write_split(split_dir, documents: Iterable[Sequence[int]], *, vocab_size: int, vocab_hash: str,
-                eos_id: int, max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS) -> dict:
+                eos_id: int, newline_id: int | None = None,
+                max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS) -> dict:
     """Write `documents` (each a sequence of token ids, eos not included) as a binarized split.
 
-    Each document is followed by `eos_id`. Streams: only one document is in memory at a time.
+    Each document is followed by `eos_id`; `newline_id` (the tokenizer's line-break id, None when the
+    ids have none) is recorded. Streams: only one document is in memory at a time.
     Replaces an existing split atomically. Returns the manifest that was written.
     """
     if vocab_size < 1:
@@ -107,7 +110,7 @@ def write_split(split_dir, documents: Iterable[Sequence[int]], *, vocab_size: in
             num_documents += 1
         shards = writer.close()
         manifest = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab_size,
-                    "vocab_hash": vocab_hash, "eos_id": eos_id,
+                    "vocab_hash": vocab_hash, "eos_id": eos_id, "newline_id": newline_id,
                     "num_tokens": sum(s["num_tokens"] for s in shards),
                     "num_documents": num_documents, "shards": shards}
         _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -144,6 +147,7 @@ class TokenCorpus:
         self.vocab_size: int = manifest["vocab_size"]
         self.vocab_hash: str = manifest["vocab_hash"]
         self.eos_id: int = manifest["eos_id"]
+        self.newline_id: int | None = manifest["newline_id"]
         self.num_tokens: int = manifest["num_tokens"]
         self.num_documents: int = manifest["num_documents"]
         self.dtype = np.dtype(manifest["dtype"])
@@ -221,6 +225,10 @@ def _shard_file(split_dir: Path, name: str, where: str) -> Path:
 
 def _check_manifest(manifest, path: Path) -> None:
     """Schema and value checks of a manifest read from ``path``; DataError naming the entry at fault."""
+    if isinstance(manifest, dict) and isinstance(manifest.get("format"), int) and manifest["format"] < FORMAT:
+        raise DataError(f"{path} has format {manifest['format']}, written by an older pkmlm whose "
+                        f"documents lost their line breaks; this code reads format {FORMAT}: "
+                        f"prepare the data again (python -m pkmlm.data.prepare --out {path.parent.parent} ...)")
     if isinstance(manifest, dict) and manifest.get("format") != FORMAT and "format" in manifest:
         raise DataError(f"{path} has format {manifest.get('format')!r}; this code reads format {FORMAT}: "
                         f"prepare the data again")
@@ -234,6 +242,11 @@ def _check_manifest(manifest, path: Path) -> None:
     if not manifest["eos_id"] < vocab_size:
         raise DataError(f"{path}: eos_id {manifest['eos_id']} is outside the vocabulary [0, {vocab_size}): "
                         f"prepare the data again")
+    newline = manifest.get("newline_id", "missing")
+    if newline is not None and not (isinstance(newline, int) and not isinstance(newline, bool)
+                                    and 0 <= newline < vocab_size):
+        raise DataError(f"{path}: newline_id {newline!r} must be null or an id inside the vocabulary "
+                        f"[0, {vocab_size}): prepare the data again")
     for i, shard in enumerate(manifest["shards"]):
         _check_fields(shard, SHARD_SCHEMA, f"{path}: shards[{i}]")
 

@@ -1,16 +1,29 @@
-"""Moses punctuation normalisation and tokenization (sacremoses), in parallel over CPU cores."""
+"""Moses punctuation normalisation and tokenization (sacremoses), line by line.
+
+Optional lowercasing and accent removal, as the paper's release did after Moses. Parallelism is
+over preparation tasks (pkmlm/data/prepare.py), not inside this module.
+"""
 
 from __future__ import annotations
 
-import itertools
-import multiprocessing
-import os
-from typing import Iterable, Iterator
+import unicodedata
+from dataclasses import asdict, dataclass
 
 from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
-from tqdm import tqdm
 
-_MOSES: dict = {}  # per process: built once, reused for every document
+_MOSES: dict = {}  # per process: built once per language, reused for every document
+
+
+@dataclass(frozen=True)
+class MosesSettings:
+    """How raw text becomes the text the BPE sees; recorded in tokenizer.json with the vocabulary."""
+
+    lang: str = "en"
+    lowercase: bool = False
+    remove_accents: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def _moses(lang: str):
@@ -19,44 +32,31 @@ def _moses(lang: str):
     return _MOSES[lang]
 
 
-def tokenize(text: str, lang: str = "en") -> str:
-    """Normalise and tokenize each line (paragraph) of `text`; lines stay lines.
+def strip_accents(text: str) -> str:
+    """Drop combining marks after canonical decomposition: "café" -> "cafe"."""
+    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+
+
+def tokenize(text: str, settings: MosesSettings = MosesSettings()) -> str:
+    """Normalise and tokenize each line (paragraph) of `text`; lines stay lines, empty ones go.
 
     escape=False keeps characters such as & and ' as they are rather than HTML entities.
     """
-    normalizer, tokenizer = _moses(lang)
-    lines = (tokenizer.tokenize(normalizer.normalize(line), escape=False, return_str=True)
-             for line in text.split("\n"))
-    return "\n".join(line for line in lines if line)
+    normalizer, tokenizer = _moses(settings.lang)
+    out = []
+    for line in text.split("\n"):
+        line = tokenizer.tokenize(normalizer.normalize(line), escape=False, return_str=True)
+        if settings.lowercase:
+            line = line.lower()
+        if settings.remove_accents:
+            line = strip_accents(line)
+        line = " ".join(line.split())  # no stray separators (e.g. U+2028) survive inside a line
+        if line:
+            out.append(line)
+    return "\n".join(out)
 
 
 def detokenize(text: str, lang: str = "en") -> str:
-    """Inverse of `tokenize` up to whitespace and normalisation: for printing samples."""
+    """Inverse of `tokenize` up to whitespace, normalisation and case: for reading. Lines stay lines."""
     detok = MosesDetokenizer(lang=lang)
     return "\n".join(detok.detokenize(line.split()) for line in text.split("\n"))
-
-
-def _tokenize_en(text: str) -> str:
-    return tokenize(text, "en")
-
-
-def tokenize_all(texts: Iterable[str], *, workers: int | None = None, chunk: int = 512,
-                 progress: bool = True, total: int | None = None) -> Iterator[str]:
-    """`tokenize(text, "en")` of each text, in order, over `workers` processes (default: all cores).
-
-    Texts are taken `chunk * workers` at a time, so memory stays bounded however long `texts` is.
-    """
-    workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=total, unit="doc", desc="moses", disable=not progress)
-    texts = iter(texts)
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    try:
-        while batch := list(itertools.islice(texts, chunk * workers)):
-            results = pool.imap(_tokenize_en, batch, chunksize=16) if pool else map(_tokenize_en, batch)
-            for result in results:
-                bar.update()
-                yield result
-    finally:
-        bar.close()
-        if pool:
-            pool.terminate()
