@@ -70,6 +70,60 @@ def test_resume_refuses_changed_config_and_occupied_out_dir(data_dir, tmp_path):
               resume="latest")
 
 
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(data_dir, tmp_path, capsys):
+    """Checkpoints 2 and 4; --resume step 2 with keep_checkpoints=1: step 4 (and the best.pt of that run) go to
+    checkpoints/abandoned-*/, the new step 3 is kept, and the next --resume continues the new run, not step 4."""
+    train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 4, "checkpoint_every": 2,
+                                                           "eval_every": 4, "keep_best": True})))
+    (tmp_path / "checkpoints" / ".step_0000006.pt.tmp.4242").write_bytes(b"killed mid-write")
+    capsys.readouterr()
+    older = tmp_path / "checkpoints" / "step_0000002.pt"
+    second = Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 3, "lr": 1e-3, "keep_checkpoints": 1,
+                                                              "eval_every": 4, "keep_best": True}))
+    train(second, resume=older)
+    err = capsys.readouterr().err
+    assert "removed 1 temporary file(s) of an interrupted checkpoint write: .step_0000006.pt.tmp.4242" in err
+    assert "set aside step_0000004.pt, best.pt into" in err and "from step 2 abandons" in err
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003.pt"]  # the one just written survives
+    [folder] = (tmp_path / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "step_0000004.pt"]
+    assert load_checkpoint(folder / "step_0000004.pt")["step"] == 4
+    # The new run's own best: its validation at its last step (3), not the abandoned run's step 4.
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 3
+    third = train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 4, "lr": 1e-3, "eval_every": 4})),
+                  resume="latest")
+    assert "resumed from" in capsys.readouterr().err and min(third.losses) == 4  # continued from step 3
+
+
+def test_keep_best_keeps_the_lowest_validation_loss(data_dir, tmp_path):
+    """best.pt: a whole checkpoint at the best validation, never pruned, evaluated and resumed like any other."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from pkmlm.evaluation import evaluate_checkpoint, find_checkpoint
+
+    config = tiny(data_dir, tmp_path, model={"dropout": 0.0}, memory={"input_dropout": 0.0},
+                  train={"max_steps": 6, "eval_every": 1, "eval_batches": 0, "checkpoint_every": 2,
+                         "keep_checkpoints": 1, "keep_best": True, "lr": 3e-2})
+    train(Config.from_dict(config))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    valid = {e.step: e.value for e in events.Scalars("valid/loss")}
+    best_step = min(valid, key=valid.get)
+    state = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert state["step"] == best_step and state["best"]["step"] == best_step
+    assert state["best"]["valid_loss"] == pytest.approx(valid[best_step], rel=1e-6)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000006.pt"]
+    assert find_checkpoint(tmp_path).name == "step_0000006.pt"  # a run directory means its newest step
+    row = evaluate_checkpoint(tmp_path / "checkpoints" / "best.pt", splits=["valid"])
+    assert row["step"] == best_step and row["valid_loss"] == pytest.approx(valid[best_step], rel=1e-6)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step_0000006.pt")["best"] == state["best"]
+
+
+def test_keep_best_off_writes_no_best(data_dir, tmp_path):
+    train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 2, "eval_every": 1})))
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1])["best"] is None
+
+
 def test_global_batch_loss_does_not_depend_on_grad_accum(data_dir, tmp_path):
     no_dropout = {"dropout": 0.0}
     runs = [train(Config.from_dict(tiny(data_dir, tmp_path / str(k), model=no_dropout,
