@@ -362,8 +362,10 @@ def test_cli_print_config(data_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_preemption_checkpoints_requeues_and_resumes(data_dir, tmp_path):
-    """SIGUSR1 under (fake) Slurm: finish the step, checkpoint, `scontrol requeue`, exit 75; --resume goes on."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_preemption_checkpoints_requeues_and_resumes(sig, data_dir, tmp_path):
+    """Under (fake) Slurm: finish the step, checkpoint, exit 75; SIGUSR1 (the time-limit warning) also runs
+    `scontrol requeue`, SIGTERM (scancel) does not. --resume goes on."""
     bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
@@ -378,10 +380,14 @@ def test_preemption_checkpoints_requeues_and_resumes(data_dir, tmp_path):
     while not (out / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr
-    assert log.read_text().split() == ["requeue", "777"]
+    if sig == signal.SIGUSR1:
+        assert log.read_text().split() == ["requeue", "777"] and "asked Slurm to requeue" in stderr
+    else:
+        assert not log.exists() and "not requeued (SIGTERM" in stderr
+        return
     stopped_at = list_checkpoints(out)[-1]
     step = load_checkpoint(stopped_at)["step"]
     assert step >= 1
@@ -405,6 +411,52 @@ WORKER = textwrap.dedent("""
     torch.save({"state": result.model.state_dict(), "losses": result.losses, "valid": result.valid_loss},
                f"{sys.argv[2]}/rank{rank}.pt")
 """)
+
+
+NAN_ON_RANK1 = textwrap.dedent("""
+    import runpy, sys, torch
+    from pkmlm.trainer import Trainer
+    original = Trainer._save
+    def _save(self, **kw):
+        if self.env.rank == 1 and self.step == 2:  # one rank's weights go bad (e.g. a broken device)
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+        return original(self, **kw)
+    Trainer._save = _save
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path("train.py", run_name="__main__")
+""")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_nonfinite_weights_on_one_rank_stop_every_rank(data_dir, tmp_path):
+    """2 processes (launched as srun/torchrun would: RANK, WORLD_SIZE, MASTER_*): a NaN weight on rank 1 alone is
+    found at the checkpoint by both ranks together; both exit 2 with one error line, nobody waits in a collective
+    (the 60 s process-group timeout would fail it otherwise), the earlier checkpoint is kept."""
+    (tmp_path / "worker.py").write_text(NAN_ON_RANK1)
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, out, train={
+        "max_steps": 4, "checkpoint_every": 1, "eval_every": 100, "dist_timeout_s": 60}))
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), "--config", cfg], cwd=ROOT,
+                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    start = time.time()
+    results = [p.communicate(timeout=300) for p in procs]
+    assert time.time() - start < 60  # stopped together, not after a collective timed out
+    for rank, (proc, (_, stderr)) in enumerate(zip(procs, results)):
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, (rank, stderr[-3000:])
+        assert errors[0].startswith("error: refusing to checkpoint at step 2: "), errors
+    assert "holds NaN or inf on rank 1" in results[1][1] and "a peer's weights hold NaN or inf" in results[0][1]
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000001.pt"]
 
 
 def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
