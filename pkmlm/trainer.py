@@ -135,6 +135,9 @@ class Trainer:
 
     def _resume(self, resume) -> Path | None:
         """Load the checkpoint ``resume`` names (see ``train``); returns its path, None for a fresh run."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise TrainingError(f"train.out_dir={self.out_dir} is a file, not a directory: choose another "
+                                "train.out_dir")
         if resume is None:
             if ckpt.latest_checkpoint(self.out_dir) is not None or ckpt.best_path(self.out_dir).exists():
                 raise TrainingError(f"{ckpt.checkpoint_dir(self.out_dir)} already holds checkpoints: pass "

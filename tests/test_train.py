@@ -255,9 +255,11 @@ def _write_config(path, config):
     (["data.batch_size=7", "train.grad_accum=2"], "train.grad_accum"),
     (["data.dir=/nonexistent"], "/nonexistent"),
     (["--resume", "/nonexistent/step_0000001.pt"], "no checkpoint at /nonexistent"),
+    (["train.out_dir=c.yaml"], "is a file, not a directory"),
 ])
 def test_cli_errors_are_one_line_exit_2(args, message, data_dir, tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run"))
+    args = [a.replace("=c.yaml", f"={cfg}") for a in args]
     proc = subprocess.run([sys.executable, "train.py", "--config", cfg, *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
