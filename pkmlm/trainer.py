@@ -167,7 +167,7 @@ class Trainer:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             first = lines[1].strip() if len(lines) > 1 else lines[0]  # torch's first line says only "Error(s) in"
             raise ckpt.CheckpointError(f"{path} does not fit this run ({first}): it is damaged or from another "
-                                  "model; resume from another checkpoint") from None
+                                       "model; resume from another checkpoint") from None
         self.init_from = state.get("init_from")
         self.step = state["step"]
         self.best = state.get("best")

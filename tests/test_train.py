@@ -440,19 +440,18 @@ def _free_port() -> int:
 def test_nonfinite_weights_on_one_rank_stop_every_rank(data_dir, tmp_path):
     """2 processes (launched as srun/torchrun would: RANK, WORLD_SIZE, MASTER_*): a NaN weight on rank 1 alone is
     found at the checkpoint by both ranks together; both exit 2 with one error line, nobody waits in a collective
-    (the 60 s process-group timeout would fail it otherwise), the earlier checkpoint is kept."""
+    (the process-group timeout bounds the test if one did), the earlier checkpoint is kept."""
     (tmp_path / "worker.py").write_text(NAN_ON_RANK1)
     out = tmp_path / "run"
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, out, train={
-        "max_steps": 4, "checkpoint_every": 1, "eval_every": 100, "dist_timeout_s": 60}))
+        "max_steps": 4, "checkpoint_every": 1, "eval_every": 100, "dist_timeout_s": 120}))
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), "--config", cfg], cwd=ROOT,
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
-    start = time.time()
-    results = [p.communicate(timeout=300) for p in procs]
-    assert time.time() - start < 60  # stopped together, not after a collective timed out
+    results = [p.communicate(timeout=400) for p in procs]
+    # A rank left waiting in a collective would fail after dist_timeout_s with a traceback and another status.
     for rank, (proc, (_, stderr)) in enumerate(zip(procs, results)):
         errors = [line for line in stderr.splitlines() if "error:" in line]
         assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, (rank, stderr[-3000:])
