@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     try:
         if not splits:
             raise EvaluationError("--split is empty: give split names, e.g. --split valid,test")
+        for flag, out in (("--json", args.json), ("--csv", args.csv)):
+            if out is not None and out.is_dir():  # found now, not after every model was evaluated
+                raise EvaluationError(f"{flag} {out} is a directory: give a file name, e.g. {out / 'table'}"
+                                      f".{flag[2:]}")
         device = resolve_device(args.device, env)
         init_process_group(env, device)
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,10 @@ from pkmlm.fileio import atomic_open
 FORMAT = 1
 REQUIRED_KEYS = ("format", "config", "model", "optimizers", "step", "rng", "data", "vocab_hash")
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
+BEST = "best.pt"
+# The temporary names pkmlm.fileio.atomic_open gives our checkpoints (".step_0000100.pt.tmp.<pid>"): a write that
+# was killed leaves one behind. Nothing else in the directory is ever removed as a temporary.
+_TEMPORARY = re.compile(r"^\.(step_\d{7,}\.pt|best\.pt)\.tmp\.\d+$")
 
 # Config fields that may differ between a checkpoint and the run that resumes it. The first set changes how long
 # the run goes and where and how often it reports, not the trajectory of the weights.
@@ -75,28 +80,95 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest step checkpoint (never best.pt, nothing in abandoned-*/), or None."""
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def best_path(out_dir: str | os.PathLike) -> Path:
+    """Where ``train.keep_best`` keeps the checkpoint with the lowest validation loss."""
+    return checkpoint_dir(out_dir) / BEST
 
 
 def save_checkpoint(state: dict, out_dir: str | os.PathLike, keep: int) -> Path:
     """Write ``state`` to ``step_XXXXXXX.pt`` atomically, then delete all but the newest ``keep`` checkpoints.
 
     Atomic: the bytes go to a temporary file in the same directory, are fsynced, then renamed over the final
-    name, so a crash or preemption mid-write never leaves a truncated checkpoint behind.
+    name, so a crash or preemption mid-write never leaves a truncated checkpoint behind. The checkpoint just
+    written is never pruned, and best.pt is not a step checkpoint, so pruning never touches it either.
     """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    path = _write(state, checkpoint_path(out_dir, state["step"]))
+    for old in list_checkpoints(out_dir)[:-keep]:
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def save_best(state: dict, out_dir: str | os.PathLike) -> Path:
+    """Write ``state`` (a whole checkpoint: it resumes and evaluates like any other) to best.pt atomically."""
+    return _write(state, best_path(out_dir))
+
+
+def _write(state: dict, path: Path) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    path = checkpoint_path(out_dir, state["step"])
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
     _fsync_dir(path.parent)
-    for old in list_checkpoints(out_dir)[:-keep]:
-        old.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that were killed (our own naming only); returns them.
+
+    Call once at the start of a run, before anything writes a checkpoint.
+    """
+    directory = checkpoint_dir(out_dir)
+    stale = sorted(p for p in directory.iterdir() if _TEMPORARY.match(p.name)) if directory.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of checkpoint ``path``, read without loading its tensors (memory-mapped); None if unreadable."""
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def abandon_newer(out_dir: str | os.PathLike, step: int, best_step: int | None) -> tuple[Path | None, list[Path]]:
+    """Set aside what does not belong to a run resumed at ``step``: returns (folder, files moved there).
+
+    Step checkpoints newer than ``step`` continue a run the resume abandons; left in place, pruning (by step)
+    would delete the resumed run's new checkpoints and a later ``--resume`` would pick the abandoned run up
+    again. best.pt stays only when it is the one the resumed checkpoint knows (``best_step``, from its "best"
+    entry); otherwise it belongs to another run. Both are moved, never deleted, into
+    ``checkpoints/abandoned-<date>-<time>/``.
+    """
+    newer = [p for p in list_checkpoints(out_dir) if int(_NAME.match(p.name).group(1)) > step]
+    best = best_path(out_dir)
+    if best.is_file() and (best_step is None or checkpoint_step(best) != best_step):  # best_step <= step
+        newer.append(best)
+    if not newer:
+        return None, []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = checkpoint_dir(out_dir) / f"abandoned-{stamp}"
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = checkpoint_dir(out_dir) / f"abandoned-{stamp}-{n}"
+    folder.mkdir()
+    for p in newer:
+        os.replace(p, folder / p.name)
+    _fsync_dir(folder)
+    _fsync_dir(checkpoint_dir(out_dir))
+    return folder, [folder / p.name for p in newer]
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterable, Mapping
 
 import torch
@@ -24,8 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from pkmlm.sparse import coalesce_rows
 
 DEFAULT_MASTER_PORT = 29500
+# A collective waiting longer than this raises on every rank instead of hanging (train.dist_timeout_s).
+DEFAULT_TIMEOUT_S = 1800.0
 # Exit status of a run that stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL: "try again later").
 PREEMPTED_EXIT_CODE = 75
+# SIGUSR1 (Slurm's warning before the time limit): checkpoint, requeue the job, exit.
+# SIGTERM (scancel, a shutdown, Slurm preemption that requeues by itself): checkpoint, exit, no requeue.
+REQUEUE_SIGNAL = signal.SIGUSR1
+STOP_SIGNAL = signal.SIGTERM
 
 
 class DistributedError(Exception):
@@ -109,14 +116,15 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
-    """Join the process group (no-op for one process)."""
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the process group (no-op for one process). A collective (or the rendezvous) that waits longer than
+    ``timeout_s`` fails with an error on the ranks that wait, so a dead or stuck peer cannot hang the job."""
     if env.world_size == 1 or dist.is_initialized():
         return
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            device_id=device if device.type == "cuda" else None)
+                            timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
 
 
 def destroy_process_group() -> None:
@@ -221,9 +229,10 @@ def all_gather_object(obj) -> list:
 
 
 class PreemptionHandler:
-    """Turns SIGUSR1 (Slurm's advance warning) and SIGTERM into a flag the loop polls between steps."""
+    """Turns SIGUSR1 (Slurm's advance warning: requeue) and SIGTERM (stop) into a flag the loop polls between
+    steps; ``signal`` is the last one received (SIGTERM is kept once seen: a stop is never turned into a requeue)."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (REQUEUE_SIGNAL, STOP_SIGNAL)
 
     def __init__(self):
         self.signal: int | None = None
@@ -240,7 +249,8 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        if self.signal != STOP_SIGNAL:
+            self.signal = signal.Signals(signum)
 
     @property
     def requested(self) -> bool:

@@ -35,13 +35,15 @@ class EvaluationError(Exception):
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or the newest checkpoint of a run directory."""
+    """A checkpoint file, or the newest step checkpoint of a run directory (best.pt only when named)."""
     path = Path(path)
     if path.is_dir():
         latest = ckpt.latest_checkpoint(path)
         if latest is None:
+            best = ckpt.best_path(path)
             raise EvaluationError(f"{path} is a directory without checkpoints ({ckpt.checkpoint_dir(path)}/step_*.pt): "
-                                  "pass a run directory that has trained, or a checkpoint file")
+                                  + (f"pass {best} itself" if best.is_file() else
+                                     "pass a run directory that has trained, or a checkpoint file"))
         return latest
     if not path.exists():
         raise EvaluationError(f"{path} does not exist: pass a checkpoint file or a run directory")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -50,7 +51,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global mean train NLL, this call's steps
     valid_loss: float | None = None  # last validation mean NLL (nats)
     memory: dict[str, dict] = field(default_factory=dict)  # memory name -> metrics.MemoryStats as dict
-    preempted: bool = False  # stopped on SIGUSR1/SIGTERM after checkpointing
+    preempted: bool = False  # stopped on SIGUSR1 (requeued under Slurm) or SIGTERM after checkpointing
     model: nn.Module | None = None  # the trained model, unwrapped from DDP
 
 
@@ -88,7 +89,7 @@ def train(config: Config, resume: str | os.PathLike | None = None,
     env = D.detect_env()
     device = D.resolve_device(config.train.device, env)
     config.validate_runtime(world_size=env.world_size, device_type=device.type)
-    D.init_process_group(env, device)
+    D.init_process_group(env, device, timeout_s=config.train.dist_timeout_s)
     try:
         return Trainer(config, env, device).run(resume, init_from)
     finally:
@@ -128,18 +129,23 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.notes: list[str] = []  # what set-up found worth telling, logged once the logger is up
+        self.best: dict | None = None  # {"step", "valid_loss"} of this run's best.pt (train.keep_best), or None
 
     # ---- checkpoints ------------------------------------------------------------------------------------
 
     def _resume(self, resume) -> Path | None:
         """Load the checkpoint ``resume`` names (see ``train``); returns its path, None for a fresh run."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise TrainingError(f"train.out_dir={self.out_dir} is a file, not a directory: choose another "
+                                "train.out_dir")
         if resume is None:
-            if ckpt.latest_checkpoint(self.out_dir) is not None:
+            if ckpt.latest_checkpoint(self.out_dir) is not None or ckpt.best_path(self.out_dir).exists():
                 raise TrainingError(f"{ckpt.checkpoint_dir(self.out_dir)} already holds checkpoints: pass "
                                     "--resume to continue that run, or set train.out_dir to a new directory")
             return None
         path = ckpt.latest_checkpoint(self.out_dir) if resume == "latest" else Path(resume)
         if path is None:
+            self._set_aside(-1)  # a fresh start: a best.pt there belongs to no checkpoint of this run
             return None
         state = ckpt.load_checkpoint(path)
         steering = ckpt.check_resumable(state["config"], self.config.to_dict(), path)
@@ -161,9 +167,11 @@ class Trainer:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             first = lines[1].strip() if len(lines) > 1 else lines[0]  # torch's first line says only "Error(s) in"
             raise ckpt.CheckpointError(f"{path} does not fit this run ({first}): it is damaged or from another "
-                                  "model; resume from another checkpoint") from None
+                                       "model; resume from another checkpoint") from None
         self.init_from = state.get("init_from")
         self.step = state["step"]
+        self.best = state.get("best")
+        self._set_aside(self.step)
         if len(ranks) != self.env.world_size:  # another process count: data order is kept, dropout masks cannot be
             warnings.warn(f"{path} was written by {len(ranks)} processes, this run has {self.env.world_size}: "
                           "random state (dropout) is reseeded, so the run is not bit-identical")
@@ -172,39 +180,62 @@ class Trainer:
                        "continues)" for change in steering]
         return path
 
-    def _save(self) -> None:
+    def _set_aside(self, step: int) -> None:
+        """Resuming at ``step``: move newer checkpoints (and a best.pt not of this run) aside, and say so."""
+        if not self.env.is_main:
+            return
+        folder, moved = ckpt.abandon_newer(self.out_dir, step, self.best["step"] if self.best else None)
+        if moved:
+            self.notes.append(f"set aside {', '.join(p.name for p in moved)} into {folder}: they continue a run that "
+                              f"this resume from step {max(step, 0)} abandons (moved, not deleted)")
+
+    def _save(self, *, step_file: bool = True, best: bool = False) -> None:
+        """Checkpoint the run (all ranks call): ``step_XXXXXXX.pt`` when ``step_file``, best.pt when ``best``."""
+        # Decided on all ranks together: a rank that raised alone would leave its peers waiting in a collective.
+        bad = next((name for name, p in self.model.state_dict().items()
+                    if p.is_floating_point() and not torch.isfinite(p).all()), None)
+        flag = D.all_reduce_max(torch.tensor([float(bad is not None)], device=self.device))
+        if flag.item() > 0:
+            where = f"{bad} holds NaN or inf on rank {self.env.rank}" if bad else "a peer's weights hold NaN or inf"
+            raise TrainingError(f"refusing to checkpoint at step {self.step}: {where}. The last checkpoint is "
+                                "kept: resume from it with a lower train.lr, a longer train.warmup_steps or a "
+                                "smaller train.grad_clip")
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
         if not self.env.is_main:
             return
-        for name, p in self.model.state_dict().items():
-            if p.is_floating_point() and not torch.isfinite(p).all():
-                raise TrainingError(f"refusing to checkpoint: {name} holds NaN or inf")
         state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
                  "optimizers": self.optim.state_dict(), "step": self.step, "rng": {"ranks": rng},
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
                  # The lr schedule is a pure function of the step, so it needs no state of its own.
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                 "reinit": reinit, "init_from": self.init_from}
-        path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
-        self.log.message(f"step {self.step}: saved {path}")
+                 "reinit": reinit, "init_from": self.init_from, "best": self.best}
+        if best:
+            path = ckpt.save_best(state, self.out_dir)
+            self.log.message(f"step {self.step}: best validation loss so far, saved {path}")
+        if step_file:
+            path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
+            self.log.message(f"step {self.step}: saved {path}")
 
     # ---- one optimizer step ------------------------------------------------------------------------------
 
-    def _train_step(self, ddp_model: nn.Module, stop_requested: bool) -> tuple[float, dict[str, float], bool]:
+    def _train_step(self, ddp_model: nn.Module, stop_signal: int | None
+                    ) -> tuple[float, dict[str, float], signal.Signals | None]:
         """One optimizer step: ``_forward_backward`` the global batch, then ``_update``.
 
-        Returns (global mean NLL, grad norms per group, whether any rank asked to stop).
+        Returns (global mean NLL, grad norms per group, the stop signal any rank got: SIGTERM wins over SIGUSR1).
         """
         nll = self._forward_backward(ddp_model)
         D.all_reduce_sparse_grads(self.sparse_params)
-        # One all-reduce carries the loss and the stop flag, so every rank takes the same decisions.
-        shared = D.all_reduce_sum(torch.stack([nll, torch.tensor(float(stop_requested), device=self.device,
-                                                                   dtype=torch.float64)]))
+        # One all-reduce carries the loss and the stop flags, so every rank takes the same decisions.
+        flags = [float(stop_signal == sig) for sig in (D.REQUEUE_SIGNAL, D.STOP_SIGNAL)]
+        shared = D.all_reduce_sum(torch.cat([nll.view(1), torch.tensor(flags, device=self.device,
+                                                                      dtype=torch.float64)]))
         loss = shared[0].item() / (self.config.data.batch_size * self.config.data.bptt)
         norms = self._update(loss)
         self.step += 1
-        return loss, norms, shared[1].item() > 0
+        stop = D.STOP_SIGNAL if shared[2].item() > 0 else D.REQUEUE_SIGNAL if shared[1].item() > 0 else None
+        return loss, norms, stop
 
     def _forward_backward(self, ddp_model: nn.Module) -> torch.Tensor:
         """Forward and backward this rank's rows of the global batch, micro-batch by micro-batch.
@@ -306,6 +337,11 @@ class Trainer:
         # Installed first, so that a signal arriving during set-up still ends in a clean stop.
         preemption = D.PreemptionHandler().install()
         try:
+            if self.env.is_main:
+                stale = ckpt.remove_stale_temporaries(self.out_dir)
+                if stale:
+                    self.notes.append(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write: "
+                                      + ", ".join(p.name for p in stale))
             resumed_from = self._resume(resume)
             self.log = RunLogger(self.out_dir, enabled=self.env.is_main, total_steps=t.max_steps,
                                  initial_step=self.step)
@@ -337,7 +373,7 @@ class Trainer:
         window_loss, window_finite, window_start, window_time = 0.0, 0, self.step, time.perf_counter()
         self.model.train()
         while self.step < t.max_steps:
-            loss, norms, stop = self._train_step(ddp_model, preemption.requested)
+            loss, norms, stop = self._train_step(ddp_model, preemption.signal)
             if self.reinit is not None:
                 self._log_reinit(self.reinit.after_step(self.step))
             result.losses[self.step] = loss
@@ -359,16 +395,27 @@ class Trainer:
                 window_loss, window_finite, window_start, window_time = 0.0, 0, self.step, time.perf_counter()
             self.log.step(**postfix)
             done = self.step == t.max_steps
+            improved = False
             if self.step % t.eval_every == 0 or done:
                 result.valid_loss, result.memory = self._validate()
                 self._log_validation(result.valid_loss, result.memory)
-            if self.step % t.checkpoint_every == 0 or done or stop:
-                self._save()
-            if stop:
+                # The loss is all-reduced, so every rank takes the same decision (and calls _save).
+                improved = t.keep_best and math.isfinite(result.valid_loss) and (
+                    self.best is None or result.valid_loss < self.best["valid_loss"])
+                if improved:
+                    self.best = {"step": self.step, "valid_loss": result.valid_loss}
+            step_file = self.step % t.checkpoint_every == 0 or done or stop is not None
+            if step_file or improved:
+                self._save(step_file=step_file, best=improved)
+            if stop is not None:
                 result.preempted = True
-                self.log.message(f"step {self.step}: stopping on signal {preemption.signal} (or a peer's)")
-                if self.env.is_main and D.requeue_slurm_job():
-                    self.log.message("asked Slurm to requeue this job")
+                self.log.message(f"step {self.step}: stopping on {stop.name} (here or on a peer), checkpoint saved")
+                if stop == D.REQUEUE_SIGNAL:
+                    if self.env.is_main and D.requeue_slurm_job():
+                        self.log.message("asked Slurm to requeue this job")
+                else:
+                    self.log.message(f"not requeued ({stop.name}: the job was cancelled or the machine stops); "
+                                     "--resume continues the run")
                 break
         if not result.losses:  # nothing left to train (a finished run resumed): still report on it
             result.valid_loss, result.memory = self._validate()

@@ -168,3 +168,56 @@ def test_load_refuses_damaged_structure(tmp_path, key, value, message):
         ckpt.load_checkpoint(path)
     assert "damaged or not written by pkmlm" in str(err.value) and message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(_state(step), tmp_path, keep=3)
+    ckpt.save_checkpoint(_state(15), tmp_path, keep=1)  # older than the rest: still kept
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000015.pt", "step_0000030.pt"]
+
+
+def test_best_is_never_listed_or_pruned_and_abandoned_folders_are_ignored(tmp_path):
+    ckpt.save_best(_state(5, best={"step": 5, "valid_loss": 2.0}), tmp_path)
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(_state(step), tmp_path, keep=1)
+    (tmp_path / "checkpoints" / "abandoned-20250101-000000").mkdir()
+    ckpt.save_checkpoint(_state(99), tmp_path / "checkpoints" / "abandoned-20250101-000000" / "x", keep=1)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000030.pt"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000030.pt"]
+    assert ckpt.best_path(tmp_path).is_file() and ckpt.checkpoint_step(ckpt.best_path(tmp_path)) == 5
+
+
+def test_abandon_newer_moves_the_abandoned_lineage_aside(tmp_path):
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(_state(step), tmp_path, keep=5)
+    ckpt.save_best(_state(25, best={"step": 25, "valid_loss": 2.0}), tmp_path)
+    folder, moved = ckpt.abandon_newer(tmp_path, 20, best_step=10)
+    assert folder.parent == tmp_path / "checkpoints" and folder.name.startswith("abandoned-")
+    assert sorted(p.name for p in moved) == ["best.pt", "step_0000030.pt"] and all(p.is_file() for p in moved)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000020.pt" and not ckpt.best_path(tmp_path).exists()
+    assert ckpt.load_checkpoint(folder / "step_0000030.pt")["step"] == 30  # moved, not deleted
+    # best.pt of the resumed lineage (the step its checkpoint names) stays; a second set-aside gets its own folder.
+    ckpt.save_best(_state(10, best={"step": 10, "valid_loss": 2.0}), tmp_path)
+    assert ckpt.abandon_newer(tmp_path, 20, best_step=10) == (None, [])
+    again, moved = ckpt.abandon_newer(tmp_path, 10, best_step=None)  # a checkpoint that knows no best.pt
+    assert again != folder and sorted(p.name for p in moved) == ["best.pt", "step_0000020.pt"]
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(_state(1), tmp_path, keep=3)
+    # The name atomic_open really uses while a checkpoint is being written:
+    seen = []
+    original = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (seen.extend(os.listdir(directory)), original(obj, f)))
+    ckpt.save_checkpoint(_state(2), tmp_path, keep=3)
+    ckpt.save_best(_state(2), tmp_path)
+    temporaries = sorted({n for n in seen if n.startswith(".")})
+    assert len(temporaries) == 2 and all(ckpt._TEMPORARY.match(n) for n in temporaries)
+    for name in temporaries + [".notes.tmp.1", "step_0000003.pt.tmp.1", ".step_0000003.pt.tmp.x", "mine.tmp"]:
+        (directory / name).write_bytes(b"partial")
+    removed = ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == temporaries
+    assert sorted(os.listdir(directory)) == [".notes.tmp.1", ".step_0000003.pt.tmp.x", "best.pt", "mine.tmp",
+                                             "step_0000001.pt", "step_0000002.pt", "step_0000003.pt.tmp.1"]

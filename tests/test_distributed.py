@@ -120,3 +120,46 @@ def test_all_reduce_sparse_grads_matches_dense_average(tmp_path):
         assert got["sparse"]
         torch.testing.assert_close(got["grad"], expected)
         torch.testing.assert_close(got["dense"], torch.full((2,), 0.5))
+
+
+def _timeout_worker(rank, port, out_dir):
+    import time
+    os.environ.pop("MASTER_ADDR", None)
+    D.init_process_group(D.DistEnv(rank, 2, rank, "127.0.0.1", port), torch.device("cpu"), timeout_s=2)
+    done = os.path.join(out_dir, "done")
+    if rank == 0:  # rank 1 never joins this all_reduce (a stuck peer): it must fail, not hang
+        start = time.time()
+        try:
+            D.all_reduce_sum(torch.ones(1))
+            outcome = "returned"
+        except Exception as e:  # gloo raises RuntimeError (or DistBackendError) naming the timeout
+            outcome = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out_dir, "rank0.txt"), "w") as f:
+            f.write(f"{time.time() - start}\n{outcome}")
+        open(done, "w").close()
+    else:
+        deadline = time.time() + 120
+        while not os.path.exists(done) and time.time() < deadline:
+            time.sleep(0.1)
+    os._exit(0)  # the group is broken on purpose: skip its teardown
+
+
+def test_process_group_timeout_fails_a_collective_instead_of_hanging(tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_timeout_worker, args=(port, str(tmp_path)), nprocs=2)
+    seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert outcome != "returned" and 1.5 < float(seconds) < 30, outcome
+
+
+def test_sigterm_is_a_stop_that_a_later_sigusr1_does_not_turn_into_a_requeue():
+    handler = D.PreemptionHandler().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.signal == D.STOP_SIGNAL == signal.SIGTERM and handler.requested
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

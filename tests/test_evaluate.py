@@ -131,7 +131,9 @@ def bad_inputs(run, tmp_path):
     other_vocab = _write_data(tmp_path / "other", vocab_hash="another-vocab")
     empty = tmp_path / "empty"
     write_split(empty / "test", [], vocab_size=VOCAB, vocab_hash="eval-vocab", eos_id=1)
+    (tmp_path / "a_dir").mkdir()
     return {
+        "json is a directory": ([str(checkpoint), "--csv", str(tmp_path / "a_dir")], "--csv"),
         "empty split": ([str(checkpoint), "--data-dir", str(empty), "--split", "test"],
                         "holds no tokens, and evaluation needs some"),
         "missing": ([str(tmp_path / "nope.pt")], "does not exist"),
@@ -143,7 +145,7 @@ def bad_inputs(run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty run dir", "truncated", "other vocabulary", "no such split",
-                                  "empty split"])
+                                  "empty split", "json is a directory"])
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, bad_inputs, tmp_path):
     args, message = bad_inputs[case]
     out = tmp_path / "out.json"

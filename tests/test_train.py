@@ -66,6 +66,60 @@ def test_resume_refuses_changed_config_and_occupied_out_dir(data_dir, tmp_path):
               resume="latest")
 
 
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(data_dir, tmp_path, capsys):
+    """Checkpoints 2 and 4; --resume step 2 with keep_checkpoints=1: step 4 (and the best.pt of that run) go to
+    checkpoints/abandoned-*/, the new step 3 is kept, and the next --resume continues the new run, not step 4."""
+    train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 4, "checkpoint_every": 2,
+                                                           "eval_every": 4, "keep_best": True})))
+    (tmp_path / "checkpoints" / ".step_0000006.pt.tmp.4242").write_bytes(b"killed mid-write")
+    capsys.readouterr()
+    older = tmp_path / "checkpoints" / "step_0000002.pt"
+    second = Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 3, "lr": 1e-3, "keep_checkpoints": 1,
+                                                              "eval_every": 4, "keep_best": True}))
+    train(second, resume=older)
+    err = capsys.readouterr().err
+    assert "removed 1 temporary file(s) of an interrupted checkpoint write: .step_0000006.pt.tmp.4242" in err
+    assert "set aside step_0000004.pt, best.pt into" in err and "from step 2 abandons" in err
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003.pt"]  # the one just written survives
+    [folder] = (tmp_path / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "step_0000004.pt"]
+    assert load_checkpoint(folder / "step_0000004.pt")["step"] == 4
+    # The new run's own best: its validation at its last step (3), not the abandoned run's step 4.
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 3
+    third = train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 4, "lr": 1e-3, "eval_every": 4})),
+                  resume="latest")
+    assert "resumed from" in capsys.readouterr().err and min(third.losses) == 4  # continued from step 3
+
+
+def test_keep_best_keeps_the_lowest_validation_loss(data_dir, tmp_path):
+    """best.pt: a whole checkpoint at the best validation, never pruned, evaluated and resumed like any other."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from pkmlm.evaluation import evaluate_checkpoint, find_checkpoint
+
+    config = tiny(data_dir, tmp_path, model={"dropout": 0.0}, memory={"input_dropout": 0.0},
+                  train={"max_steps": 6, "eval_every": 1, "eval_batches": 0, "checkpoint_every": 2,
+                         "keep_checkpoints": 1, "keep_best": True, "lr": 3e-2})
+    train(Config.from_dict(config))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    valid = {e.step: e.value for e in events.Scalars("valid/loss")}
+    best_step = min(valid, key=valid.get)
+    state = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert state["step"] == best_step and state["best"]["step"] == best_step
+    assert state["best"]["valid_loss"] == pytest.approx(valid[best_step], rel=1e-6)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000006.pt"]
+    assert find_checkpoint(tmp_path).name == "step_0000006.pt"  # a run directory means its newest step
+    row = evaluate_checkpoint(tmp_path / "checkpoints" / "best.pt", splits=["valid"])
+    assert row["step"] == best_step and row["valid_loss"] == pytest.approx(valid[best_step], rel=1e-6)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step_0000006.pt")["best"] == state["best"]
+
+
+def test_keep_best_off_writes_no_best(data_dir, tmp_path):
+    train(Config.from_dict(tiny(data_dir, tmp_path, train={"max_steps": 2, "eval_every": 1})))
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1])["best"] is None
+
+
 def test_global_batch_loss_does_not_depend_on_grad_accum(data_dir, tmp_path):
     no_dropout = {"dropout": 0.0}
     runs = [train(Config.from_dict(tiny(data_dir, tmp_path / str(k), model=no_dropout,
@@ -211,9 +265,11 @@ def _write_config(path, config):
     (["data.batch_size=7", "train.grad_accum=2"], "train.grad_accum"),
     (["data.dir=/nonexistent"], "/nonexistent"),
     (["--resume", "/nonexistent/step_0000001.pt"], "no checkpoint at /nonexistent"),
+    (["train.out_dir=c.yaml"], "is a file, not a directory"),
 ])
 def test_cli_errors_are_one_line_exit_2(args, message, data_dir, tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run"))
+    args = [a.replace("=c.yaml", f"={cfg}") for a in args]
     proc = subprocess.run([sys.executable, "train.py", "--config", cfg, *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -319,8 +375,10 @@ def test_cli_print_config(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_preemption_checkpoints_requeues_and_resumes(data_dir, tmp_path):
-    """SIGUSR1 under (fake) Slurm: finish the step, checkpoint, `scontrol requeue`, exit 75; --resume goes on."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_preemption_checkpoints_requeues_and_resumes(sig, data_dir, tmp_path):
+    """Under (fake) Slurm: finish the step, checkpoint, exit 75; SIGUSR1 (the time-limit warning) also runs
+    `scontrol requeue`, SIGTERM (scancel) does not. --resume goes on."""
     bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
@@ -335,10 +393,14 @@ def test_preemption_checkpoints_requeues_and_resumes(data_dir, tmp_path):
     while not (out / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr
-    assert log.read_text().split() == ["requeue", "777"]
+    if sig == signal.SIGUSR1:
+        assert log.read_text().split() == ["requeue", "777"] and "asked Slurm to requeue" in stderr
+    else:
+        assert not log.exists() and "not requeued (SIGTERM" in stderr
+        return
     stopped_at = list_checkpoints(out)[-1]
     step = load_checkpoint(stopped_at)["step"]
     assert step >= 1
@@ -364,7 +426,52 @@ WORKER = textwrap.dedent("""
 """)
 
 
+NAN_ON_RANK1 = textwrap.dedent("""
+    import runpy, sys, torch
+    from pkmlm.trainer import Trainer
+    original = Trainer._save
+    def _save(self, **kw):
+        if self.env.rank == 1 and self.step == 2:  # one rank's weights go bad (e.g. a broken device)
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+        return original(self, **kw)
+    Trainer._save = _save
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path("train.py", run_name="__main__")
+""")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
+def test_nonfinite_weights_on_one_rank_stop_every_rank(data_dir, tmp_path):
+    """2 processes (launched as srun/torchrun would: RANK, WORLD_SIZE, MASTER_*): a NaN weight on rank 1 alone is
+    found at the checkpoint by both ranks together; both exit 2 with one error line, nobody waits in a collective
+    (the process-group timeout bounds the test if one did), the earlier checkpoint is kept."""
+    (tmp_path / "worker.py").write_text(NAN_ON_RANK1)
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, out, train={
+        "max_steps": 4, "checkpoint_every": 1, "eval_every": 100, "dist_timeout_s": 120}))
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), "--config", cfg], cwd=ROOT,
+                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    results = [p.communicate(timeout=400) for p in procs]
+    # A rank left waiting in a collective would fail after dist_timeout_s with a traceback and another status.
+    for rank, (proc, (_, stderr)) in enumerate(zip(procs, results)):
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, (rank, stderr[-3000:])
+        assert errors[0].startswith("error: refusing to checkpoint at step 2: "), errors
+    assert "holds NaN or inf on rank 1" in results[1][1] and "a peer's weights hold NaN or inf" in results[0][1]
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000001.pt"]
+
+
 def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
     """torchrun, 2 gloo processes with grad_accum=2 (no_sync on the first micro-batch): both ranks end with
     identical parameters (value tables included), and the same global batches give the same losses and weights
