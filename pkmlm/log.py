@@ -1,4 +1,5 @@
-"""Run output on rank 0: a tqdm progress bar, messages, and TensorBoard scalars. Other ranks stay silent."""
+"""Run output on rank 0: a tqdm progress bar, messages, TensorBoard scalars, histograms and text. Other ranks
+stay silent."""
 
 from __future__ import annotations
 
@@ -36,6 +37,18 @@ class RunLogger:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+
+    def histograms(self, step: int, values: dict[str, "torch.Tensor"]) -> None:
+        """One TensorBoard histogram per tag of the tensor's values (e.g. read counts of every slot)."""
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_histogram(tag, value.detach().float().cpu(), step)
+
+    def texts(self, step: int, values: dict[str, str]) -> None:
+        """TensorBoard text, shown verbatim (TensorBoard renders markdown: each line is indented as code)."""
+        if self.writer is not None:
+            for tag, text in values.items():
+                self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
 
     def message(self, text: str) -> None:
         """A line above the progress bar."""
