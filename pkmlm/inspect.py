@@ -254,12 +254,13 @@ def main(argv=None) -> int:
     try:
         run = load_trained(args.path, data_dir=args.data_dir, device=resolve_device(args.device, detect_env()))
         find_memory(run.model, args.layer)  # a wrong name fails before reading any data
+        top = args.top if args.top is not None else 8 if args.text is not None else 20
         if args.text is not None:
-            result = text_reads(run, args.layer, args.text, top=args.top or 8)
+            result = text_reads(run, args.layer, args.text, top=top)
             text, payload = format_text_reads(result), {"layer": args.layer, "checkpoint": str(run.checkpoint),
                                                         "step": run.step, "tokens": result}
         else:
-            report = slot_report(run, args.layer, split=args.split, top=args.top or 20, contexts=args.contexts,
+            report = slot_report(run, args.layer, split=args.split, top=top, contexts=args.contexts,
                                  width=args.width, by=args.by, max_tokens=args.max_tokens,
                                  batch_size=args.batch_size)
             text, payload = format_report(report), asdict(report)

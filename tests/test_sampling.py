@@ -1,5 +1,7 @@
 """KV cache, sampling filters, generate() and generate.py; the validation samples and histograms in TensorBoard."""
 
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +10,13 @@ import pytest
 import torch
 
 from pkmlm.config import Config
+from pkmlm.data.shards import open_split
 from pkmlm.evaluation import load_trained
 from pkmlm.model import KVCache, TransformerLM
 from pkmlm.sampling import SamplingError, generate, next_token_probs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import generate as generate_cli  # noqa: E402  (the script at the repository root)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,38 +103,49 @@ def test_generate_stops_at_eos_and_checks_options():
         generate(model, [], max_new_tokens=5, window=8, seeds=[0])
 
 
-def _generate(*args, stdin=None):
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, input=stdin)
-
-
 def test_generate_cli(text_run):
     data_dir, run_dir = text_run
-    common = ["--max-new-tokens", 40, "--seed", 7, "--num-samples", 2, "--top-k", 0, "--top-p", 1.0,
+    # The torch path: loading the compiled kernels in a fresh process costs seconds, and they are not what
+    # this test is about.
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), str(run_dir), "--prompt", "The minister",
+                             "--max-new-tokens", "10"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PKMLM_CPU_KERNELS": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The minister") and "tokens/s" in result.stderr
+
+
+def _main(capsys, *args):
+    code = generate_cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_same_seed_same_text_cache_or_not_stdin(text_run, capsys, monkeypatch):
+    data_dir, run_dir = text_run
+    common = [run_dir, "--max-new-tokens", 40, "--seed", 7, "--num-samples", 2, "--top-k", 0, "--top-p", 1.0,
               "--temperature", 1.0]
-    first = _generate(run_dir, "--prompt", "The government said", *common)
-    assert first.returncode == 0, first.stderr
-    samples = first.stdout.split("==== sample ")[1:]
-    assert len(samples) == 2 and all("The government said" in s for s in samples)
-    assert "tokens/s" in first.stderr and "KV cache" in first.stderr
-    assert _generate(run_dir, "--prompt", "The government said", *common).stdout == first.stdout
-    no_cache = _generate(run_dir, "--prompt", "The government said", "--no-cache", *common)
-    assert no_cache.returncode == 0 and no_cache.stdout == first.stdout
-    piped = _generate(run_dir, *common, stdin="The government said")
-    assert piped.stdout == first.stdout
-    bf16 = _generate(run_dir, "--prompt", "", "--precision", "bf16", "--max-new-tokens", 5)
-    assert bf16.returncode == 0, bf16.stderr
+    code, first, err = _main(capsys, *common, "--prompt", "The government said")
+    assert code == 0 and "tokens/s" in err and "KV cache" in err
+    samples = first.split("==== sample ")[1:]
+    assert len(samples) == 2 and all("The government said" in s for s in samples) and samples[0] != samples[1]
+    assert _main(capsys, *common, "--prompt", "The government said")[1] == first
+    assert _main(capsys, *common, "--prompt", "The government said", "--no-cache")[1] == first
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The government said"))
+    assert _main(capsys, *common)[1] == first
+    code, out, _ = _main(capsys, run_dir, "--prompt", "", "--precision", "bf16", "--max-new-tokens", 5)
+    assert code == 0 and out.strip()
 
 
-def test_generate_cli_bad_input(text_run, tmp_path):
+def test_generate_cli_bad_input(text_run, tmp_path, capsys):
     data_dir, run_dir = text_run
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for args in ([bad, "--prompt", "x"], [tmp_path / "missing", "--prompt", "x"], [tmp_path, "--prompt", "x"],
-                 [run_dir, "--prompt", "x", "--top-p", "2"], [run_dir, "--prompt", "x", "--data-dir", tmp_path]):
-        result = _generate(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for args, message in (([bad], "cannot read checkpoint"), ([tmp_path / "missing"], "does not exist"),
+                          ([tmp_path], "without checkpoints"), ([run_dir, "--top-p", "2"], "--top-p"),
+                          ([run_dir, "--data-dir", tmp_path], "tokenizer.json not found")):
+        code, out, err = _main(capsys, *args, "--prompt", "x")
+        assert code == 2 and not out, args
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_trained_run_samples_and_histograms_in_tensorboard(text_run):
@@ -144,11 +161,13 @@ def test_trained_run_samples_and_histograms_in_tensorboard(text_run):
         assert reads[-1].histogram_value.sum == pytest.approx(4 * 8 * 16 * 2 * 4)
         assert f"memory/{layer}/slot_weights" in tags["histograms"]
     assert "valid/accuracy" in tags["scalars"]
-    texts = [t for t in tags["tensors"] if t.startswith("samples/")]
-    assert len(texts) == 3
-    sample = events.Tensors("samples/0")[-1].tensor_proto.string_val[0].decode()
-    assert "▶" in sample and len(sample) > 20
-    # The prompts are the openings of the validation documents.
+    texts = sorted(t for t in tags["tensors"] if t.startswith("samples/"))
+    assert len(texts) == 3, tags["tensors"]
+    logged = events.Tensors(texts[0])
+    assert [e.step for e in logged] == [10, 20]
+    sample = logged[-1].tensor_proto.string_val[0].decode()
+    # The prompt is the opening of the first validation document, continued after the marker.
     run = load_trained(run_dir)
-    assert [s.step for s in events.Tensors("samples/0")] == [10, 20]
-    assert run.codec.decode(run.codec.encode("Hello world")) == "Hello world"
+    corpus = open_split(data_dir / "valid")
+    opening = run.codec.decode(corpus.read(0, 12).tolist())
+    assert sample.startswith("    " + opening + " ▶ ") and len(sample) > len(opening) + 10
