@@ -23,7 +23,7 @@ from pkmlm.config import ConfigError
 from pkmlm.data import DataError
 from pkmlm.distributed import DistributedError, detect_env, resolve_device
 from pkmlm.evaluation import EvaluationError, load_trained
-from pkmlm.kernels import retain_freed_memory
+from pkmlm.kernels import available as load_kernels, retain_freed_memory
 from pkmlm.sampling import SamplingError, check_options, generate
 
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         run = load_trained(args.path, data_dir=args.data_dir, device=device)
         prompt = [run.codec.eos_id] + run.codec.encode(prompt_text)
         seeds = [args.seed + i for i in range(args.num_samples)]
+        load_kernels()  # the compiled CPU kernels load (or build) before the clock starts
         start = time.perf_counter()
         samples = generate(run.model, prompt, max_new_tokens=args.max_new_tokens, window=run.config.data.bptt,
                            seeds=seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
