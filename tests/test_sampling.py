@@ -92,7 +92,7 @@ def test_generate_stops_at_eos_and_checks_options():
     model = _model()
     greedy = generate(model, [1], max_new_tokens=6, window=8, seeds=[0], temperature=0)[0]
     stop = greedy[3]
-    # A sample ends before its first stop token; the other sample (sampled) ends wherever it meets one.
+    # A sample ends before its first stop token, which is not part of it.
     assert generate(model, [1], max_new_tokens=6, window=8, seeds=[0], temperature=0, stop_id=stop) == \
         [greedy[:greedy.index(stop)]]
     with pytest.raises(SamplingError, match="--top-p"):
