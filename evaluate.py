@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 def markdown_table(rows: list[dict], splits: list[str]) -> str:
     memories = sorted({k.rsplit("/", 1)[0] for r in rows for k in r if k.endswith("/usage") and "/head" not in k})
     columns = ["name", "step", "params_total", "params_memory_values", "params_active"]
-    columns += [f"{s}_ppl" for s in splits] + ["tokens_per_s"]
+    columns += [f"{s}_{m}" for s in splits for m in ("ppl", "acc")] + ["tokens_per_s"]
     columns += [f"{m}/{c}" for m in memories for c in MEMORY_COLUMNS]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
@@ -86,7 +86,7 @@ def markdown_table(rows: list[dict], splits: list[str]) -> str:
 def _cell(value, column: str) -> str:
     if value is None:
         return ""
-    if column.endswith("/usage"):
+    if column.endswith("/usage") or column.endswith("_acc"):
         return f"{value:.1%}"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}" if "kl" in column or "gini" in column else f"{value:.2f}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from pkmlm.model import TransformerLM
 from pkmlm.data.stream import eval_batches
 from pkmlm.metrics import memory_stats, per_head_stats, perplexity
 from pkmlm.precision import autocast
+from pkmlm.textcodec import TextCodec, load_codec
 
 
 class EvaluationError(Exception):
@@ -63,6 +65,33 @@ def load_model(state: dict, path: Path, device: torch.device) -> TransformerLM:
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise EvaluationError(f"{path}: its weights do not fit its saved config ({first})") from None
     return model.to(device).eval()
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint ready for use: its model (eval mode), config, the run's text codec and data directory."""
+    model: TransformerLM
+    config: Config
+    codec: TextCodec
+    data_dir: Path
+    checkpoint: Path
+    step: int
+
+
+def load_trained(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+                 device: torch.device | None = None) -> TrainedModel:
+    """The checkpoint (or newest checkpoint of the run directory) ``path`` with the tokenizer of its data.
+
+    data_dir: the prepared data directory (default: the ``data.dir`` saved in the checkpoint); its tokenizer
+    must have the checkpoint's vocabulary. Raises EvaluationError, CheckpointError, ConfigError, DataError.
+    """
+    path = find_checkpoint(path)
+    state = ckpt.load_checkpoint(path)
+    config = Config.from_dict(state["config"], source=f"{path} (saved config)")
+    root = Path(data_dir or config.data.dir)
+    codec = load_codec(root, vocab_hash=state["vocab_hash"])
+    model = load_model(state, path, device or torch.device("cpu"))
+    return TrainedModel(model, config, codec, root, path, state["step"])
 
 
 def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir: str | None = None,
@@ -103,8 +132,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
                 m.reset_usage()
         _sync(device)
         start = time.perf_counter()
-        loss = evaluate_loss(model, corpus, batch_size=rows_per_batch, bptt=config.data.bptt,
-                             precision=config.train.precision)
+        loss, accuracy = evaluate_split(model, corpus, batch_size=rows_per_batch, bptt=config.data.bptt,
+                                        precision=config.train.precision)
         _sync(device)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         # Ranks run in parallel: the split took as long as the slowest rank.
@@ -112,6 +141,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
         timings.append((corpus.num_tokens, elapsed.item(), track))
         row[f"{split}_loss"] = loss
         row[f"{split}_ppl"] = perplexity(loss)
+        row[f"{split}_acc"] = accuracy
         if track:
             row["memory_split"] = split
             # Flat "{memory}/{metric}" (and "{memory}/head{h}/{metric}") columns, summed over ranks.
@@ -126,7 +156,6 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     return row
 
 
-@torch.no_grad()
 def evaluate_loss(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_batches: int = 0,
                   precision: str = "fp32") -> float:
     """Exact token-weighted mean NLL (nats) of ``model`` over ``corpus``; perplexity = exp of it.
@@ -135,11 +164,19 @@ def evaluate_loss(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_b
     is up and summed over them. ``max_batches`` > 0 evaluates only each rank's first batches.
     batch_size: rows (B, bptt) per forward on each rank.
     """
+    return evaluate_split(model, corpus, batch_size=batch_size, bptt=bptt, max_batches=max_batches,
+                          precision=precision)[0]
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_batches: int = 0,
+                   precision: str = "fp32") -> tuple[float, float]:
+    """``evaluate_loss``'s mean NLL and the next-token accuracy (fraction of targets that are the argmax)."""
     rank, world = D.rank(), D.world_size()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, target count
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # NLL sum, target count, correct
     batches = eval_batches(corpus, batch_size=batch_size, bptt=bptt, rank=rank, world_size=world)
     for i, (inputs, targets) in enumerate(batches):
         if max_batches and i == max_batches:
@@ -150,9 +187,11 @@ def evaluate_loss(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_b
         totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                      reduction="sum")
         totals[1] += (targets != -100).sum()
+        # argmax is never -100, so padding never counts as correct.
+        totals[2] += (logits.argmax(-1) == targets).sum()
     model.train(was_training)
     D.all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
+    return (totals[0] / totals[1]).item(), (totals[2] / totals[1]).item()
 
 
 def memory_metrics(model: nn.Module, per_head: bool = False) -> dict[str, dict]:
@@ -160,10 +199,24 @@ def memory_metrics(model: nn.Module, per_head: bool = False) -> dict[str, dict]:
 
     {memory name: MemoryStats as a dict}; with per_head, also "head{h}/{metric}" keys for every head.
     """
+    return histogram_metrics(usage_histograms(model), per_head)
+
+
+def usage_histograms(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """{memory name: {"counts", "weights"}}: each memory's usage histograms (heads, slots) float64 summed
+    over ranks (all ranks must call; tracking must be on)."""
     out = {}
     for name, memory in model.memories():
         hist = memory.usage()
-        counts, weights = D.all_reduce_sum(hist["counts"]), D.all_reduce_sum(hist["weights"])
+        out[name] = {"counts": D.all_reduce_sum(hist["counts"]), "weights": D.all_reduce_sum(hist["weights"])}
+    return out
+
+
+def histogram_metrics(histograms: dict[str, dict[str, torch.Tensor]], per_head: bool = False) -> dict[str, dict]:
+    """``memory_metrics`` of histograms from ``usage_histograms``."""
+    out = {}
+    for name, hist in histograms.items():
+        counts, weights = hist["counts"], hist["weights"]
         out[name] = memory_stats(counts, weights).to_dict()
         if per_head:
             for h, stats in enumerate(per_head_stats(counts, weights)):

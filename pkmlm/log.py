@@ -1,4 +1,4 @@
-"""Run output on rank 0: progress, messages, and TensorBoard scalars. Other ranks stay silent.
+"""Run output on rank 0: progress, messages, TensorBoard scalars, histograms and text. Other ranks stay silent.
 
 Progress is a tqdm bar on a terminal; off a terminal (a Slurm --output file, nohup, CI) it is one plain line
 per logged step, because a carriage-return bar turns a whole run into one multi-kilobyte log line.
@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from torch import Tensor
 from tqdm import tqdm
 
 
@@ -58,6 +59,18 @@ class RunLogger:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+
+    def histograms(self, step: int, values: dict[str, Tensor]) -> None:
+        """One TensorBoard histogram per tag of the tensor's values (e.g. read counts of every slot)."""
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_histogram(tag, value.detach().float().cpu(), step)
+
+    def texts(self, step: int, values: dict[str, str]) -> None:
+        """TensorBoard text, shown verbatim (TensorBoard renders markdown: each line is indented as code)."""
+        if self.writer is not None:
+            for tag, text in values.items():
+                self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
 
     def message(self, text: str) -> None:
         """A line above the progress bar (a plain line off a terminal)."""

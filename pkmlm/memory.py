@@ -146,6 +146,13 @@ class ProductKeyMemory(nn.Module):
         scores, indices, _ = self._search(q, with_subkeys=False)
         return scores, indices
 
+    @torch.no_grad()
+    def reads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """What forward reads for each of the N flattened tokens of x: slots (N, heads, knn) and their softmax
+        weights (N, heads, knn) float32, each head's summing to 1. For looking into a trained memory."""
+        scores, slots = self.lookup(self.query(x))
+        return slots, F.softmax(scores.float(), dim=-1)
+
     def _flatten(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if x.dim() < 1 or x.shape[-1] != self.input_dim:
             raise ValueError(f"input's last dimension must be input_dim={self.input_dim}, "

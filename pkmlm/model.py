@@ -2,6 +2,8 @@
 
     model = TransformerLM(config, vocab_size)      # config: pkmlm.config.Config
     logits = model(idx)                            # (B, T) long -> (B, T, vocab_size)
+    cache = KVCache(len(model.blocks))             # incremental decoding (pkmlm/sampling.py):
+    logits = model(prompt, cache); logits = model(next_token, cache)   # each call sees all earlier tokens
 
 Pre-LayerNorm blocks (attention, then FFN), learned positions, tied input/output embeddings.
 `config.memory.positions` puts memories into blocks, LAYER 0-based:
@@ -21,6 +23,30 @@ from pkmlm.config import Config
 from pkmlm.memory import ProductKeyMemory, make_value_table
 
 
+class KVCache:
+    """Attention keys and values of the positions already seen, per block, for incremental decoding.
+
+    Memory layers and FFNs work per token, so attention is the only part of a block that needs the past.
+    The model's learned positions make the cache hold at most max_seq_len positions; a caller that wants to
+    go on must start a new cache over a shorter window (see pkmlm.sampling).
+    """
+
+    def __init__(self, n_layers: int):
+        self.keys: list[Tensor | None] = [None] * n_layers  # each (B, heads, S, d // heads)
+        self.values: list[Tensor | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        """Positions held (S)."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions' k, v (B, heads, T, dh) of block `layer`; return all of them (B, heads, S+T, dh)."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 class CausalSelfAttention(nn.Module):
     """(B, T, d) -> (B, T, d): multi-head self-attention where position t sees positions <= t."""
 
@@ -30,11 +56,17 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """With `cache`, x holds the positions after the cached ones; their k, v are added to it."""
         B, T, d = x.shape
         # (B, T, 3d) -> three (B, heads, T, d // heads)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        past, mask = k.shape[2] - T, None
+        if past and T > 1:  # query i (absolute past + i) sees keys 0 .. past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
@@ -71,8 +103,8 @@ class Block(nn.Module):
         self.after_memory = after_memory
         self.dropout = nn.Dropout(m.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x)))
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), cache, layer))
         h = self.ln2(x)
         if self.ffn is None:
             y = self.memory(h)
@@ -146,19 +178,24 @@ class TransformerLM(nn.Module):
                 if proj is not None:
                     nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx (B, T) long token ids, T <= max_seq_len -> logits (B, T, vocab_size)."""
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """idx (B, T) long token ids, T <= max_seq_len -> logits (B, T, vocab_size).
+
+        With `cache` (a KVCache of len(blocks) layers, S positions), idx continues those S positions:
+        they sit at positions S .. S+T-1, attend to the cached ones, and are added to the cache.
+        """
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a 2-D (batch, time) tensor of dtype torch.long, "
                              f"got {idx.dtype} of shape {tuple(idx.shape)}")
-        T = idx.shape[1]
+        past = len(cache) if cache is not None else 0
+        T = past + idx.shape[1]
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}; "
                              f"use a shorter data.bptt or a larger model.max_seq_len")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(past, T, device=idx.device)
         x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
         return F.linear(self.ln_f(x), self.tok_emb.weight)  # tied output embedding
 
     def memories(self) -> list[tuple[str, ProductKeyMemory]]:

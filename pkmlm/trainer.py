@@ -32,13 +32,15 @@ from pkmlm.data.stream import TrainStream
 from pkmlm.fileio import write_text_atomic
 from pkmlm.init_from import init_from_checkpoint
 from pkmlm.log import RunLogger
-from pkmlm.evaluation import evaluate_loss, memory_metrics
+from pkmlm.evaluation import evaluate_split, histogram_metrics, usage_histograms
 from pkmlm.metrics import perplexity
 from pkmlm.precision import autocast
 from pkmlm.model import TransformerLM
 from pkmlm.optim import Optimizers, inverse_sqrt_warmup, make_optimizers
 from pkmlm.sparse import coalesce_rows
 from pkmlm.reinit import DeadSlotReinit
+from pkmlm.sampling import ValidationSamples
+from pkmlm.textcodec import load_codec
 
 
 class TrainingError(Exception):
@@ -292,9 +294,12 @@ class Trainer:
         for m in memories:
             m.track_usage(True)
             m.reset_usage()
-        loss = evaluate_loss(self.model, self.valid_data, batch_size=self.micro_rows, bptt=self.config.data.bptt,
-                             max_batches=self.config.train.eval_batches, precision=self.config.train.precision)
-        stats = memory_metrics(self.model)
+        loss, accuracy = evaluate_split(self.model, self.valid_data, batch_size=self.micro_rows,
+                                        bptt=self.config.data.bptt, max_batches=self.config.train.eval_batches,
+                                        precision=self.config.train.precision)
+        histograms = usage_histograms(self.model)
+        stats = histogram_metrics(histograms)
+        self._valid_details = accuracy, histograms  # for _log_validation
         for m in memories:
             m.track_usage(False)
         if self.reinit is not None:
@@ -302,11 +307,17 @@ class Trainer:
         return loss, stats
 
     def _log_validation(self, loss: float, stats: dict[str, dict]) -> None:
-        values = {"valid/loss": loss, "valid/ppl": perplexity(loss)}
+        accuracy, histograms = self._valid_details
+        values = {"valid/loss": loss, "valid/ppl": perplexity(loss), "valid/accuracy": accuracy}
         for name, s in stats.items():
             values[f"memory/{name}/usage"] = s["usage"]
             values[f"memory/{name}/kl"] = s["kl_counts"]
         self.log.scalars(self.step, values)
+        # Per slot, heads summed: how often it was read and the softmax weight it got, on the validation tokens.
+        self.log.histograms(self.step, {f"memory/{name}/{kind}": h[key].sum(0) for name, h in histograms.items()
+                                        for kind, key in (("slot_reads", "counts"), ("slot_weights", "weights"))})
+        if self.samples is not None:
+            self.log.texts(self.step, self.samples.texts(self.model))
         usage = ", ".join(f"{name} usage {s['usage']:.1%} KL {s['kl_counts']:.3f}" for name, s in stats.items())
         self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {perplexity(loss):.2f}{self._validation_scope()}"
                          + (f"; {usage}" if usage else ""))
@@ -319,6 +330,16 @@ class Trainer:
             return ""
         return (f" (first {n} batches per rank, ~{tokens / self.valid_data.num_tokens:.0%} of the valid split: "
                 "train.eval_batches; evaluate.py reads all of it)")
+
+    def _validation_samples(self) -> ValidationSamples | None:
+        """The fixed-prompt samples logged at every validation; None when the data has no tokenizer."""
+        try:
+            codec = load_codec(self.config.data.dir, vocab_hash=self.valid_data.vocab_hash)
+        except DataError as e:
+            self.log.message(f"no samples in TensorBoard: {e}")
+            return None
+        return ValidationSamples(codec, self.valid_data, window=self.config.data.bptt, seed=self.config.train.seed,
+                                 precision=self.config.train.precision)
 
     def _log_reinit(self, report: dict[str, dict] | None) -> None:
         if report is None:
@@ -346,6 +367,7 @@ class Trainer:
             self.log = RunLogger(self.out_dir, enabled=self.env.is_main, total_steps=t.max_steps,
                                  initial_step=self.step)
             try:
+                self.samples = self._validation_samples() if self.env.is_main else None
                 if resumed_from is not None:
                     self.log.message(f"resumed from {resumed_from} at step {self.step}"
                                      + (f" (--init-from {init_from} ignored: the weights come from the checkpoint)"

@@ -125,7 +125,6 @@ def test_invalid_values(path, override, expected):
 
 def _float_keys():
     """Every float field of every section (list fields of floats as their first element)."""
-    import dataclasses
     import typing
     from pkmlm import config as C
     for section, cls in typing.get_type_hints(C.Config).items():

@@ -69,15 +69,17 @@ def test_perplexity_is_exp_of_the_directly_computed_mean_nll(run):
     corpus = open_split(data_dir / "test")
     tokens = torch.from_numpy(corpus.read(0, corpus.num_tokens))
     stream = torch.cat([torch.tensor([corpus.eos_id]), tokens])
-    nll = []
+    nll, correct = [], 0
     with torch.no_grad():
         for start in range(0, corpus.num_tokens, BPTT):
             window = stream[start:start + BPTT + 1]
             logits = model(window[:-1].unsqueeze(0))[0]
             nll.append(F.cross_entropy(logits, window[1:], reduction="none").double())
+            correct += sum(int(logits[i].argmax()) == int(window[i + 1]) for i in range(len(window) - 1))
     nll = torch.cat(nll)
     assert nll.numel() == corpus.num_tokens == 7 * 41  # no dropped tail
     assert row["test_ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-6)
+    assert row["test_acc"] == pytest.approx(correct / corpus.num_tokens, abs=1e-12) and correct > 0
 
 
 def test_streamed_histograms_equal_one_shot(run):
@@ -115,7 +117,7 @@ def test_cli_table_json_and_csv(run, tmp_path):
                 "--csv", str(tmp_path / "r.csv"))
     assert proc.returncode == 0, proc.stderr
     header = proc.stdout.splitlines()[0]
-    assert "valid_ppl" in header and "test_ppl" in header and "blocks.1.memory/kl_weights" in header
+    assert "valid_ppl" in header and "test_acc" in header and "blocks.1.memory/kl_weights" in header
     rows = json.loads((tmp_path / "r.json").read_text())
     assert len(rows) == 1 and rows[0]["step"] == 4
     csv_lines = (tmp_path / "r.csv").read_text().splitlines()

@@ -1,0 +1,85 @@
+"""Sample text from a trained model.
+
+    python generate.py runs/tiny_pkm --prompt "The government said" [--max-new-tokens 100] [--temperature 0.8]
+        [--top-k 40] [--top-p 0.95] [--seed 0] [--num-samples N] [--no-cache] [--precision fp32|bf16]
+    echo "Shares in the company" | python generate.py runs/tiny_pkm/checkpoints/step_0000300.pt
+    python generate.py runs/tiny_pkm --prompt ""          (an empty prompt: a document from its start)
+
+The prompt goes through the run's own Moses tokenizer and BPE (the tokenizer of the data directory saved in the
+checkpoint, or --data-dir) and follows an end-of-document token, as a document's start did in training. Each
+sample is the prompt and its continuation as text, ending at the end of a document or after --max-new-tokens;
+speed goes to stderr. Sample i uses seed --seed + i, so the same seed gives the same text.
+Exit status: 0 done, 2 bad input (one line on stderr).
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from pkmlm.checkpoint import CheckpointError
+from pkmlm.config import ConfigError
+from pkmlm.data import DataError
+from pkmlm.distributed import DistributedError, detect_env, resolve_device
+from pkmlm.evaluation import EvaluationError, load_trained
+from pkmlm.kernels import available as load_kernels, retain_freed_memory
+from pkmlm.sampling import SamplingError, check_options, generate
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument("--prompt", help="text to continue (default: read from stdin); \"\" for none")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add at most (default 100)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: always the most likely token")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=0.95,
+                        help="sample among the most likely tokens holding this probability (1: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples, computed together (default 1)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the whole context every token instead of using the KV cache (same text)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--data-dir", help="prepared data directory with the run's tokenizer "
+                                           "(default: the data.dir saved in the checkpoint)")
+    args = parser.parse_args(argv)
+
+    try:
+        check_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p)
+        if args.num_samples < 1:
+            raise SamplingError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if args.prompt is None and sys.stdin.isatty():
+            raise SamplingError("no prompt: pass --prompt TEXT (\"\" for none) or pipe the prompt into stdin")
+        prompt_text = args.prompt if args.prompt is not None else sys.stdin.read()
+        device = resolve_device(args.device, detect_env())
+        run = load_trained(args.path, data_dir=args.data_dir, device=device)
+        prompt = [run.codec.eos_id] + run.codec.encode(prompt_text)
+        seeds = [args.seed + i for i in range(args.num_samples)]
+        load_kernels()  # the compiled CPU kernels load (or build) before the clock starts
+        start = time.perf_counter()
+        samples = generate(run.model, prompt, max_new_tokens=args.max_new_tokens, window=run.config.data.bptt,
+                           seeds=seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           use_cache=not args.no_cache, stop_id=run.codec.eos_id, precision=args.precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    except (SamplingError, EvaluationError, CheckpointError, ConfigError, DataError, DistributedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for seed, new in zip(seeds, samples):
+        if len(samples) > 1:
+            print(f"==== sample {seed - args.seed + 1}/{len(samples)} (seed {seed})")
+        print(run.codec.decode(prompt + new))
+    tokens = sum(map(len, samples))
+    print(f"{run.checkpoint} (step {run.step}): {tokens} new tokens in {seconds:.2f} s, "
+          f"{tokens / seconds if seconds > 0 else float('inf'):.1f} tokens/s ({len(prompt)} prompt tokens, "
+          f"{'no ' if args.no_cache else ''}KV cache, {device.type} {args.precision})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    retain_freed_memory()  # CPU speed: see pkmlm.kernels
+    sys.exit(main())
