@@ -186,7 +186,7 @@ def test_huge_loss_prints_inf_perplexity_in_every_output(run, tmp_path, monkeypa
     spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *a, **k: 1e4)
+    monkeypatch.setattr(evaluation, "evaluate_split", lambda *a, **k: (1e4, 0.0))  # (loss, accuracy)
     assert cli.main([str(run[1]), "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]) == 0
     row = json.loads((tmp_path / "r.json").read_text())[0]
     assert row["valid_loss"] == 1e4 and row["valid_ppl"] == math.inf
