@@ -160,6 +160,9 @@ class Trainer:
         return path
 
     def _save(self) -> None:
+        # Replicated weights must be bit-identical on every rank: a checkpoint of drifted replicas would be rank 0's
+        # model only, so the run stops instead (every rank raises the same error).
+        D.check_replicas(self.model.named_parameters())
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
         if not self.env.is_main:
