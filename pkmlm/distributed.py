@@ -128,8 +128,9 @@ def destroy_process_group() -> None:
 
 
 def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_params: Iterable[nn.Parameter],
-               sync_batchnorm: bool = False) -> nn.Module:
-    """DDP-wrap ``model`` (returned unchanged for one process), leaving ``sparse_params`` to us.
+               sharded_params: Iterable[nn.Parameter] = (), sync_batchnorm: bool = False) -> nn.Module:
+    """DDP-wrap ``model`` (returned unchanged for one process), leaving ``sparse_params`` to us and
+    ``sharded_params`` (each rank holds its own slice: pkmlm/value_table.py) alone.
 
     BatchNorm statistics stay per rank (broadcast_buffers=False) unless ``sync_batchnorm``. The ignored
     parameters are broadcast from rank 0 here, as DDP would have done for them.
@@ -142,8 +143,9 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sparse_ids = {id(p) for p in sparse_params}
+    skipped = sparse_ids | {id(p) for p in sharded_params}
     # Every name of a shared table, so that DDP skips it whichever module it finds it under.
-    ignored = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in sparse_ids]
+    ignored = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in skipped]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
         dist.broadcast(p.data, src=0)
@@ -201,7 +203,7 @@ def union_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
         padded = torch.full((longest,), -1, dtype=id_dtype, device=rows.device)
         padded[:rows.numel()] = rows
         everyone = padded.new_empty(world * longest)
-        dist.all_gather_into_tensor(everyone, padded)
+        dist.all_gather_single(everyone, padded)
         return torch.unique(everyone[everyone >= 0]).long()  # sorted
     touched = torch.zeros(num_rows, dtype=torch.uint8, device=rows.device)
     touched[rows] = 1
