@@ -132,7 +132,8 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
     """DDP-wrap ``model`` (returned unchanged for one process), leaving ``sparse_params`` to us and
     ``sharded_params`` (each rank holds its own slice: pkmlm/value_table.py) alone.
 
-    BatchNorm statistics stay per rank (broadcast_buffers=False) unless ``sync_batchnorm``. The ignored
+    BatchNorm statistics stay per rank between evaluations (``average_batchnorm_stats`` joins them) unless
+    ``sync_batchnorm``. The ignored
     parameters are broadcast from rank 0 here, as DDP would have done for them.
     """
     if env.world_size == 1:
@@ -150,7 +151,7 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
     for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
         dist.broadcast(p.data, src=0)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
 
 
 @torch.no_grad()
@@ -243,6 +244,22 @@ def _digest(t: torch.Tensor, chunk_bytes: int = 1 << 26) -> str:
     for start in range(0, flat.numel(), chunk_bytes):
         h.update(flat[start:start + chunk_bytes].cpu().numpy())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def average_batchnorm_stats(model: nn.Module) -> None:
+    """Average every BatchNorm's running mean and variance over ranks in place (all ranks must call).
+
+    Each rank's statistics follow its own batches; validation and checkpoints should use those of all the
+    data, so the trainer averages them first (a few vectors). No-op for one process.
+    """
+    if world_size() == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            for stat in (m.running_mean, m.running_var):
+                dist.all_reduce(stat)
+                stat.div_(world_size())
 
 
 def rank() -> int:

@@ -370,6 +370,8 @@ class Trainer:
                 window_loss, window_finite, window_start, window_time = 0.0, 0, self.step, time.perf_counter()
             self.log.step(**postfix)
             done = self.step == t.max_steps
+            if self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0 or done or stop:
+                D.average_batchnorm_stats(self.model)  # validation and checkpoints use every rank's statistics
             if self.step % t.eval_every == 0 or done:
                 result.valid_loss, result.memory = self._validate()
                 self._log_validation(result.valid_loss, result.memory)

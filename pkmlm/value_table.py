@@ -109,7 +109,8 @@ class _ShardedRead(torch.autograd.Function):
         world, group = table.world, table.group
         n, reads = slots.shape
         counts = _all_gather_sizes(n, slots.device, group) if world > 1 else [n]
-        all_slots = _all_gather_rows(slots, counts, group)  # (M, R): every rank's tokens, rank by rank
+        # (M, R): every rank's tokens, rank by rank; sent as int32 (slots < 2**31, checked by the memory).
+        all_slots = _all_gather_rows(slots.int(), counts, group).long()
         all_weights = _all_gather_rows(weights.detach().to(shard.dtype), counts, group)
         part = F.embedding_bag(all_slots, shard.detach(), per_sample_weights=all_weights, mode="sum")  # (M, dim/W)
         # Rank s gets its tokens' rows of every rank's column slice: (W, N, dim/W), slice by slice.
