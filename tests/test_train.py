@@ -357,3 +357,33 @@ def test_sharded_resume_is_exact_and_reshards_to_another_world_size(data_dir, tm
         assert alone.losses[s] == pytest.approx(whole[0]["losses"][s], rel=1e-5)
     final = load_checkpoint(list_checkpoints(tmp_path / "whole")[-1])["model"][TABLE]
     torch.testing.assert_close(alone.model.state_dict()[TABLE], final, rtol=1e-4, atol=1e-5)
+
+
+DRIFT_WORKER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, os.getcwd())
+    import train as cli
+    from pkmlm.optim import RowAdam
+    step = RowAdam.step
+    def drifting_step(self, closure=None):  # rank 1's table gets one extra ulp in row 0
+        out = step(self, closure)
+        if os.environ["RANK"] == "1":
+            w = self.param_groups[0]["params"][0].data
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(1.0))
+        return out
+    RowAdam.step = drifting_step
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_replica_drift_stops_the_run_with_a_clear_message(data_dir, tmp_path):
+    (tmp_path / "drift.py").write_text(DRIFT_WORKER)
+    cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run", train={"max_steps": 2,
+                                                                                     "checkpoint_every": 2}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "drift.py"), "--config", cfg], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: blocks.1.memory.values.weight differs between ranks (ranks [1] disagree "
+                             "with rank 0)") == 2, proc.stderr[-3000:]  # every rank stops, one line each
+    assert list_checkpoints(tmp_path / "run") == []  # nothing written from drifted replicas
