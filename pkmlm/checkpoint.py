@@ -46,6 +46,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.keep_best",
     "train.max_nonfinite",
     "train.dist_timeout_s",
+    # Checkpoints hold whole value tables either way; sharding changes only the order of float sums.
+    "memory.shard_values",
 })
 # These change the trajectory from the resumed step on (the run is then no longer bit for bit the one it would
 # have been) but leave every saved state valid: what a diverged run is resumed with. The change is logged.

@@ -54,6 +54,7 @@ class MemoryConfig:
     query_dropout: float = 0.0
     value_dropout: float = 0.0
     share_values: bool = False
+    shard_values: bool = False  # each process holds v_dim / world_size columns of every table (pkmlm/value_table.py)
     reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/reinit.py
     reinit_min_count: int = 1  # a slot read fewer times than this in the window is dead
 
@@ -128,6 +129,12 @@ class Config:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} is not divisible by world_size ({world_size}) x "
                 f"train.grad_accum ({self.train.grad_accum}); pick a multiple of {per_step}")
+        v_dim = self.memory.v_dim or self.model.d_model
+        if self.memory.shard_values and self.memory.positions and v_dim % world_size:
+            raise ConfigError(
+                f"memory.shard_values=true splits the value columns over processes, but {world_size} processes do "
+                f"not divide v_dim={v_dim}; run on a number of processes that divides {v_dim}, or set "
+                "memory.shard_values=false")
         if self.train.precision == "fp16" and device_type != "cuda":
             raise ConfigError(f"train.precision=fp16 needs a CUDA device (running on {device_type}); use bf16")
 

@@ -30,6 +30,7 @@ from pkmlm.data.stream import eval_batches
 from pkmlm.metrics import memory_stats, per_head_stats, perplexity
 from pkmlm.precision import autocast
 from pkmlm.textcodec import TextCodec, load_codec
+from pkmlm.value_table import local_state, sharded_tables
 
 
 class EvaluationError(Exception):
@@ -60,7 +61,7 @@ def load_model(state: dict, path: Path, device: torch.device) -> TransformerLM:
         raise EvaluationError(f"{path} holds no token embedding (tok_emb.weight): not a TransformerLM checkpoint")
     model = TransformerLM(config, saved_vocab.shape[0])
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(local_state(model, state["model"]))  # a sharded table keeps its columns
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise EvaluationError(f"{path}: its weights do not fit its saved config ({first})") from None
@@ -178,6 +179,8 @@ def evaluate_split(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # NLL sum, target count, correct
     batches = eval_batches(corpus, batch_size=batch_size, bptt=bptt, rank=rank, world_size=world)
+    if world > 1 and sharded_tables(model):
+        batches = _in_lockstep(batches, corpus.num_tokens, batch_size * bptt, bptt, device)
     for i, (inputs, targets) in enumerate(batches):
         if max_batches and i == max_batches:
             break
@@ -222,6 +225,18 @@ def histogram_metrics(histograms: dict[str, dict[str, torch.Tensor]], per_head: 
             for h, stats in enumerate(per_head_stats(counts, weights)):
                 out[name].update({f"head{h}/{k}": v for k, v in stats.to_dict().items()})
     return out
+
+
+def _in_lockstep(batches, num_tokens: int, batch_tokens: int, bptt: int, device: torch.device):
+    """``batches``, then empty (0, bptt) ones until every rank has had as many: a sharded value table reads in
+    collectives, so every rank must run the same number of forwards (parts differ by a token, so by a batch)."""
+    rank, world = D.rank(), D.world_size()
+    mine = -(-((rank + 1) * num_tokens // world - rank * num_tokens // world) // batch_tokens)
+    most = int(D.all_reduce_max(torch.tensor([mine], device=device)))
+    yield from batches
+    empty = torch.empty(0, bptt, dtype=torch.long)
+    for _ in range(most - mine):
+        yield empty, empty
 
 
 def _run_name(path: Path) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from pkmlm import checkpoint as ckpt
+from pkmlm.value_table import local_state
 
 
 class InitFromError(ValueError):
@@ -49,7 +50,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, vocab_has
     state = ckpt.load_checkpoint(path)
     if vocab_hash is not None:
         ckpt.check_vocab(state["vocab_hash"], vocab_hash, path)
-    source, target = state["model"], model.state_dict()
+    source, target = local_state(model, state["model"]), model.state_dict()  # sharded tables: this rank's columns
     for name in source.keys() & target.keys():
         if source[name].shape != target[name].shape:
             raise InitFromError(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm import kernels
+from pkmlm.sparse import row_sparse_grad
 
 
 def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True) -> nn.EmbeddingBag:
@@ -22,7 +23,8 @@ def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True) -> nn.Embe
     `sparse=True` makes its gradient a row-sparse tensor (only the rows read in the step).
     """
     _check_positive(n_keys=n_keys, v_dim=v_dim)
-    table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse)
+    # _weight: skip EmbeddingBag's own N(0, 1) draw, overwritten anyway (pkmlm.value_table draws the same numbers).
+    table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse, _weight=torch.empty(n_keys**2, v_dim))
     nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
     return table
 
@@ -66,7 +68,7 @@ class ProductKeyMemory(nn.Module):
                  values: nn.EmbeddingBag | None = None):
         super().__init__()
         if v_dim is None:
-            v_dim = values.embedding_dim if isinstance(values, nn.EmbeddingBag) else output_dim
+            v_dim = values.embedding_dim if values is not None else output_dim
         _check_positive(input_dim=input_dim, output_dim=output_dim, n_keys=n_keys, heads=heads,
                         knn=knn, k_dim=k_dim, v_dim=v_dim)
         if k_dim % 2:
@@ -202,7 +204,9 @@ class ProductKeyMemory(nn.Module):
         n, table = indices.shape[0], self.values.weight
         reads = self.heads * self.knn  # explicit: n may be 0 (every token masked)
         indices, weights = indices.reshape(n, reads), weights.reshape(n, reads).to(table.dtype)
-        if self.values.sparse:
+        if not isinstance(self.values, nn.EmbeddingBag):  # a table that reads itself (pkmlm/value_table.py)
+            out = self.values.read(indices, weights)
+        elif self.values.sparse:
             # The table is read without autograd; _RowSparseGrad gives it its gradient.
             out = _RowSparseGrad.apply(_weighted_read(table, indices, weights), table, indices, weights.detach())
         else:
@@ -224,6 +228,9 @@ class ProductKeyMemory(nn.Module):
         """
         rows = self._check_ids(slots, self.n_keys**2, "slots")
         fresh = torch.randn(rows.numel(), self.v_dim, generator=generator, dtype=torch.float32) * self.v_dim**-0.5
+        if not isinstance(self.values, nn.EmbeddingBag):
+            self.values.write_rows(rows, fresh)
+            return
         w = self.values.weight
         w.index_copy_(0, rows.to(w.device), fresh.to(device=w.device, dtype=w.dtype))
 
@@ -346,14 +353,7 @@ class _RowSparseGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         indices, weights = ctx.saved_tensors
-        # int32 keys (slot ids < 2**31, checked in __init__) sort markedly faster on CPU than int64.
-        slots, order = indices.reshape(-1).int().sort()
-        rows, counts = torch.unique_consecutive(slots, return_counts=True)
-        rows = rows.long()
-        row_grads = F.embedding_bag(order // indices.shape[1], grad_out, counts.cumsum(0) - counts,
-                                    mode="sum", per_sample_weights=weights.reshape(-1)[order])
-        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, ctx.table_shape,
-                                             is_coalesced=True, check_invariants=False)
+        grad_table = row_sparse_grad(indices, weights, grad_out, ctx.table_shape)
         return grad_out, grad_table, None, None
 
 
@@ -392,10 +392,14 @@ def _check_positive(**sizes) -> None:
 
 
 def _check_shared_values(values, n_keys: int, v_dim: int, sparse: bool) -> None:
-    if not isinstance(values, nn.EmbeddingBag) or values.mode != "sum":
+    # Besides nn.EmbeddingBag, any table with read(slots, weights), write_rows(rows, values), weight,
+    # num_embeddings, embedding_dim and sparse will do (pkmlm.value_table.ShardedValueTable).
+    readable = callable(getattr(values, "read", None)) and callable(getattr(values, "write_rows", None))
+    if not (isinstance(values, nn.EmbeddingBag) or readable) or values.mode != "sum":
         raise ValueError("values must be an nn.EmbeddingBag with mode='sum' (use make_value_table)")
-    if values.weight.shape != (n_keys**2, v_dim):
-        raise ValueError(f"values has shape {tuple(values.weight.shape)}, this memory needs "
+    shape = (values.num_embeddings, values.embedding_dim)
+    if shape != (n_keys**2, v_dim):
+        raise ValueError(f"values has shape {shape}, this memory needs "
                          f"(n_keys**2, v_dim) = ({n_keys**2}, {v_dim})")
     if values.sparse != sparse:
         raise ValueError(f"values.sparse is {values.sparse} but sparse={sparse}: build the shared "

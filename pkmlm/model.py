@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from pkmlm.config import Config
 from pkmlm.memory import ProductKeyMemory, make_value_table
+from pkmlm.value_table import ShardedValueTable
 
 
 class KVCache:
@@ -138,11 +139,11 @@ class TransformerLM(nn.Module):
         placements = config.memory.placements()
         shared = None
         if config.memory.share_values and placements:
-            shared = make_value_table(config.memory.n_keys, config.memory.v_dim or m.d_model)
+            shared = self._make_table(config)
 
         def memory_if(layer: int, kinds: tuple[str, ...]) -> ProductKeyMemory | None:
             if any(p == (layer, kind) for p in placements for kind in kinds):
-                return self._make_memory(config, shared)
+                return self._make_memory(config, shared if shared is not None else self._make_table(config))
             return None
 
         self.blocks = nn.ModuleList(
@@ -153,7 +154,17 @@ class TransformerLM(nn.Module):
         self._init_weights()
 
     @staticmethod
-    def _make_memory(config: Config, values: nn.EmbeddingBag | None) -> ProductKeyMemory:
+    def _make_table(config: Config) -> nn.Module:
+        """A value table: replicated (every process holds it whole), or sharded by columns over the processes
+        of the current process group (memory.shard_values; pkmlm/value_table.py)."""
+        mem = config.memory
+        v_dim = mem.v_dim or config.model.d_model
+        if mem.shard_values:
+            return ShardedValueTable(mem.n_keys**2, v_dim)
+        return make_value_table(mem.n_keys, v_dim)
+
+    @staticmethod
+    def _make_memory(config: Config, values: nn.Module) -> ProductKeyMemory:
         mem, d = config.memory, config.model.d_model
         return ProductKeyMemory(d, d, n_keys=mem.n_keys, heads=mem.heads, knn=mem.knn, k_dim=mem.k_dim,
                                 v_dim=mem.v_dim, query_batchnorm=mem.query_batchnorm,
@@ -203,11 +214,12 @@ class TransformerLM(nn.Module):
         return [(name, m) for name, m in self.named_modules() if isinstance(m, ProductKeyMemory)]
 
     def num_parameters(self) -> dict[str, int]:
-        """Parameter counts: "total" (a shared value table once), "memory_values" (value tables),
+        """Parameter counts: "total" (a shared value table once), "memory_values" (value tables; a sharded table
+        counts its full size),
         and "active_per_token": total minus value tables plus the value rows one token reads
         (heads * knn rows of v_dim per memory). Embedding tables count whole in both."""
-        total = sum(p.numel() for p in self.parameters())
-        tables = {id(p): p.numel() for _, m in self.memories() for p in m.value_parameters()}
+        tables = {id(m.values.weight): m.values.num_embeddings * m.values.embedding_dim for _, m in self.memories()}
+        total = sum(p.numel() for p in self.parameters() if id(p) not in tables) + sum(tables.values())
         read = sum(m.heads * m.knn * m.v_dim for _, m in self.memories())
         values = sum(tables.values())
         return {"total": total, "memory_values": values, "active_per_token": total - values + read}

@@ -33,3 +33,19 @@ def summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
                          "or give a dense table to a dense optimizer")
     grad = coalesce_rows(grad)  # sums duplicate rows, so each row is updated once
     return grad._indices()[0], grad._values()
+
+
+def row_sparse_grad(indices: Tensor, weights: Tensor, grad_out: Tensor, shape) -> Tensor:
+    """The table gradient of out[n] = sum_r weights[n, r] * table[indices[n, r]]: row-sparse, coalesced.
+
+    indices, weights (N, R); grad_out (N, dim); shape: the table's (rows, dim). One summed row per slot read:
+    an embedding bag over grad_out of the tokens that read it, weighted by their weights (nn.EmbeddingBag's
+    own sparse gradient would hold N * R rows and leave the summing to a costly coalesce).
+    """
+    # int32 keys (slot ids < 2**31) sort markedly faster on CPU than int64.
+    slots, order = indices.reshape(-1).int().sort()
+    rows, counts = torch.unique_consecutive(slots, return_counts=True)
+    row_grads = torch.nn.functional.embedding_bag(order // indices.shape[1], grad_out, counts.cumsum(0) - counts,
+                                                  mode="sum", per_sample_weights=weights.reshape(-1)[order])
+    return torch.sparse_coo_tensor(rows.long().unsqueeze(0), row_grads, shape, is_coalesced=True,
+                                   check_invariants=False)

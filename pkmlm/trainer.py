@@ -25,6 +25,7 @@ from torch import nn
 
 from pkmlm import checkpoint as ckpt
 from pkmlm import distributed as D
+from pkmlm import value_table as VT
 from pkmlm.config import Config
 from pkmlm.data import DataError
 from pkmlm.data.shards import open_split
@@ -58,21 +59,33 @@ class TrainResult:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, sharded: frozenset[int] = frozenset()) -> float:
     """Total L2 norm of the grads of ``params`` (dense or row-sparse); scaled down to ``max_norm`` if above
-    (``max_norm`` 0: measure only). Returns the norm before clipping."""
-    grads = []
+    (``max_norm`` 0: measure only). Returns the norm before clipping.
+
+    sharded: ids of parameters of which each rank holds a slice (pkmlm/value_table.py): their squares are summed
+    over ranks, so every rank measures and clips by the norm of the whole model (all ranks must call then).
+    """
+    grads, sharded_grads = [], []
     for p in params:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
             p.grad = coalesce_rows(p.grad)  # duplicate rows must be summed before their norm means anything
-            grads.append(p.grad._values())
+            (sharded_grads if id(p) in sharded else grads).append(p.grad._values())
         else:
-            grads.append(p.grad)
-    if not grads:
+            (sharded_grads if id(p) in sharded else grads).append(p.grad)
+    if sharded:
+        squares = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in sharded_grads]).sum() \
+            if sharded_grads else torch.zeros(())
+        own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros(())
+        norm = (own.square() + D.all_reduce_sum(squares.to(own.device))).sqrt()
+        grads += sharded_grads
+    elif not grads:
         return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
@@ -120,7 +133,12 @@ class Trainer:
         self.groups = {"dense": _params(self.optim.dense)}
         if self.optim.values is not None:
             self.groups["values"] = _params(self.optim.values)
-        self.sparse_params = self.groups.get("values", [])
+        # Value tables outside DDP: replicated ones are synced by D.all_reduce_sparse_grads, sharded ones need no sync
+        # (pkmlm/value_table.py); sharded maps their index in the value optimizer to the table.
+        tables = {id(t.weight): t for t in VT.sharded_tables(self.model).values()}
+        self.sharded = {i: tables[id(p)] for i, p in enumerate(self.groups.get("values", [])) if id(p) in tables}
+        self.sharded_ids = frozenset(tables)
+        self.sparse_params = [p for p in self.groups.get("values", []) if id(p) not in tables]
         mem = config.memory
         self.reinit = DeadSlotReinit(self.model, self.optim, every=mem.reinit_every, min_count=mem.reinit_min_count,
                                      seed=t.seed) if mem.reinit_every else None
@@ -153,7 +171,13 @@ class Trainer:
         steering = ckpt.check_resumable(state["config"], self.config.to_dict(), path)
         ckpt.check_vocab(state["vocab_hash"], self.train_data.vocab_hash, path)
         try:
-            self.model.load_state_dict(state["model"])
+            # Checkpoints hold whole tables: each rank takes its columns, whatever world size wrote them.
+            self.model.load_state_dict(VT.local_state(self.model, state["model"]))
+            values_state = state["optimizers"]["values"]
+            for i, table in self.sharded.items():
+                if values_state is not None and i in values_state["state"] and table.world > 1:
+                    row_state = values_state["state"][i]
+                    row_state["moments"] = table.local_columns(row_state["moments"])
             self.optim.load_state_dict(state["optimizers"])
             if self.scaler.is_enabled() and state.get("scaler") is not None:  # none saved: fp16 starts here
                 self.scaler.load_state_dict(state["scaler"])
@@ -202,12 +226,16 @@ class Trainer:
             raise TrainingError(f"refusing to checkpoint at step {self.step}: {where}. The last checkpoint is "
                                 "kept: resume from it with a lower train.lr, a longer train.warmup_steps or a "
                                 "smaller train.grad_clip")
+        # Replicated weights must be bit-identical on every rank: a checkpoint of drifted replicas would be rank 0's
+        # model only, so the run stops instead (every rank raises the same error).
+        D.check_replicas((n, p) for n, p in self.model.named_parameters() if id(p) not in self.sharded_ids)
+        model_state, optim_state = VT.gather_state(self.model), self._gather_optimizer_state()
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
         if not self.env.is_main:
             return
-        state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
-                 "optimizers": self.optim.state_dict(), "step": self.step, "rng": {"ranks": rng},
+        state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": model_state,
+                 "optimizers": optim_state, "step": self.step, "rng": {"ranks": rng},
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
                  # The lr schedule is a pure function of the step, so it needs no state of its own.
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -218,6 +246,16 @@ class Trainer:
         if step_file:
             path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
             self.log.message(f"step {self.step}: saved {path}")
+
+    def _gather_optimizer_state(self) -> dict | None:
+        """The optimizers' state, with whole-width Adam moments for sharded tables, on rank 0 (all ranks call)."""
+        state = self.optim.state_dict()
+        for i, table in self.sharded.items():
+            row_state = state["values"]["state"].get(i)
+            if row_state is not None:  # the same rows were stepped on every rank, so all ranks agree
+                # A new dict: state_dict() shares the optimizer's own per-parameter dicts.
+                state["values"]["state"][i] = {**row_state, "moments": table.gather_columns(row_state["moments"])}
+        return state if self.env.is_main else None
 
     # ---- one optimizer step ------------------------------------------------------------------------------
 
@@ -266,7 +304,7 @@ class Trainer:
         """Clip and apply the grads unless the loss or a grad norm is not finite; returns the grad norms."""
         t = self.config.train
         self.optim.unscale_(self.scaler)
-        norms = {name: clip_grad_norm_(params, t.grad_clip) for name, params in self.groups.items()}
+        norms = {name: clip_grad_norm_(params, t.grad_clip, self.sharded_ids) for name, params in self.groups.items()}
         # With fp16 an inf grad norm is the GradScaler's business: it skips the step and lowers the scale.
         finite = math.isfinite(loss) and (self.scaler.is_enabled() or all(map(math.isfinite, norms.values())))
         if finite:
@@ -381,6 +419,7 @@ class Trainer:
                 if self.env.is_main:
                     write_text_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
                 ddp_model = D.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
+                                         sharded_params=[t.weight for t in self.sharded.values()],
                                          sync_batchnorm=t.sync_batchnorm)
                 return self._loop(ddp_model, preemption)
             finally:
@@ -418,6 +457,8 @@ class Trainer:
             self.log.step(**postfix)
             done = self.step == t.max_steps
             improved = False
+            if self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0 or done or stop is not None:
+                D.average_batchnorm_stats(self.model)  # validation and checkpoints use every rank's statistics
             if self.step % t.eval_every == 0 or done:
                 result.valid_loss, result.memory = self._validate()
                 self._log_validation(result.valid_loss, result.memory)

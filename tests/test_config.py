@@ -186,6 +186,11 @@ def test_runtime_checks(path):
         c.validate_runtime(world_size=4)
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         load_config(path, ["train.precision=fp16"]).validate_runtime(device_type="cpu")
+    sharded = load_config(path, ["memory.positions=[0:replace]", "memory.shard_values=true", "memory.v_dim=30",
+                                 "data.batch_size=48"])
+    sharded.validate_runtime(world_size=3)  # 3 processes, 10 columns each
+    with pytest.raises(ConfigError, match="4 processes do not divide v_dim=30; run on a number of processes"):
+        sharded.validate_runtime(world_size=4)
     assert c.resolve_vocab_size(1000) == 1000
     big = load_config(path, ["model.vocab_size=1024"])
     assert big.resolve_vocab_size(1000) == 1024

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 import signal
 import stat
 
@@ -163,3 +164,55 @@ def test_sigterm_is_a_stop_that_a_later_sigusr1_does_not_turn_into_a_requeue():
     finally:
         handler.uninstall()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def _union_worker(rank, world, init_file, out_dir, num_rows, reads):
+    """Each rank reads its own random rows (some shared, some repeated); saves its synced grad."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    table = torch.nn.Embedding(num_rows, 5, sparse=True)
+    torch.nn.init.zeros_(table.weight)
+    rows = torch.randint(0, num_rows, (reads,))
+    (table(rows) * torch.randn(reads, 5)).sum().backward()
+    mine = table.weight.grad.coalesce()
+    D.all_reduce_sparse_grads([table.weight])
+    got = table.weight.grad
+    torch.save({"mine": mine.to_dense(), "rows": got._indices()[0], "values": got._values(),
+                "coalesced": got.is_coalesced()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+# Few reads of a large table take the id all_gather; many reads of a small one the bitmap all-reduce.
+@pytest.mark.parametrize("world, num_rows, reads", [(2, 10_000, 6), (4, 50, 40)])
+def test_union_sync_matches_brute_force_and_is_identical_on_every_rank(tmp_path, world, num_rows, reads):
+    mp.spawn(_union_worker, args=(world, str(tmp_path / "init"), str(tmp_path), num_rows, reads), nprocs=world)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    mean = sum(g["mine"] for g in got) / world  # the brute-force dense average
+    touched = sorted(set().union(*(g["mine"].abs().sum(1).nonzero().flatten().tolist() for g in got)))
+    for g in got:
+        assert g["coalesced"] and g["rows"].tolist() == touched  # exactly the union: lazy Adam rows stay lazy
+        torch.testing.assert_close(g["values"], mean[g["rows"]], rtol=1e-6, atol=1e-7)
+        assert torch.equal(g["values"], got[0]["values"])  # bitwise the same on every rank
+
+
+def _drift_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    a, b = torch.ones(1000, 8), torch.zeros(3)
+    D.check_replicas([("a", a), ("b", b)])  # identical: passes
+    if rank == 1:
+        a[999, 7] = torch.nextafter(a[999, 7], torch.tensor(2.0))  # one ulp on one rank
+    try:
+        D.check_replicas([("a", a), ("b", b)])
+        message = None
+    except D.ReplicaDriftError as e:
+        message = str(e)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(repr(message))
+    dist.destroy_process_group()
+
+
+def test_replica_drift_is_detected_on_every_rank(tmp_path):
+    mp.spawn(_drift_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "a differs between ranks (ranks [1] disagree with rank 0)" in message
+        assert "resume from the last checkpoint" in message

@@ -163,7 +163,8 @@ def test_initialisation_leaves_memories_alone():
     memory = block.memory
     assert isinstance(memory, ProductKeyMemory)
     fan_in = memory.query_proj.in_features  # PyTorch's own U(+-1/sqrt(fan_in)) init, not the 0.02 of ours
-    assert abs(memory.query_proj.weight.std().item() - (3 * fan_in) ** -0.5) < 0.003
+    # 512 weights: the std of their std is ~0.003, and 0.02 (our init) is far outside 0.01
+    assert abs(memory.query_proj.weight.std().item() - (3 * fan_in) ** -0.5) < 0.01
     assert abs(memory.values.weight.std().item() - 32**-0.5) < 0.02  # the memory's N(0, v_dim**-0.5)
 
 

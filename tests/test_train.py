@@ -489,9 +489,7 @@ def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for name, a in ranks[0]["state"].items():
-        if "running_" in name or "num_batches" in name:
-            continue  # BatchNorm statistics are per rank by design
+    for name, a in ranks[0]["state"].items():  # BatchNorm statistics too: averaged before validation
         assert torch.equal(a, ranks[1]["state"][name]), name
     assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["valid"] == ranks[1]["valid"]
 
@@ -502,3 +500,126 @@ def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
     for name, a in single.model.state_dict().items():
         if "running_" not in name and "num_batches" not in name:
             torch.testing.assert_close(ranks[0]["state"][name], a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- value tables sharded over processes (memory.shard_values) ------------------------------------------------
+
+def _torchrun(tmp_path, config, world, *extra):
+    (tmp_path / "worker.py").write_text(WORKER)
+    cfg = _write_config(tmp_path / f"c{world}.yaml", config)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                           str(tmp_path / "worker.py"), cfg, str(tmp_path), *extra], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _sharded(data_dir, out_dir, **train_options):
+    # No dropout (masks differ by process count) and no query BatchNorm (its running statistics are per rank).
+    return tiny(data_dir, out_dir, model={"dropout": 0.0}, memory={"input_dropout": 0.0, "query_batchnorm": False,
+                                                                   "shard_values": True},
+                train={"max_steps": 4, "eval_every": 4, "eval_batches": 0, "checkpoint_every": 2, **train_options})
+
+
+TABLE = "blocks.1.memory.values.weight"
+
+
+@pytest.fixture(scope="module")
+def even_data_dir(data_dir, tmp_path_factory):
+    """data_dir's training split and a 1024-token validation split: its parts for 1, 2 or 4 ranks are whole
+    bptt windows, so validation reads the same windows at every world size (they are cut at rank boundaries)."""
+    root = tmp_path_factory.mktemp("even")
+    (root / "train").symlink_to(data_dir / "train")
+    rng = np.random.default_rng(1)
+    write_split(root / "valid", [rng.integers(1, VOCAB, size=63).tolist() for _ in range(16)],
+                vocab_size=VOCAB, vocab_hash="test-vocab", eos_id=0)
+    return root
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_tables_match_one_process_and_evaluate_alone(even_data_dir, tmp_path, world):
+    """W processes each holding 1/W of the value columns give the losses and weights of one process with
+    grad_accum=W (same global batches); the checkpoint holds whole tables and evaluates in one process."""
+    from pkmlm.evaluation import evaluate_checkpoint
+
+    data_dir = even_data_dir
+    config = _sharded(data_dir, tmp_path / "sharded")
+    ranks = _torchrun(tmp_path, config, world)
+    assert ranks[0]["state"][TABLE].shape == (64, 32 // world)  # each rank holds its columns only
+    saved = load_checkpoint(list_checkpoints(tmp_path / "sharded")[-1])
+    assert saved["model"][TABLE].shape == (64, 32)
+    assert saved["optimizers"]["values"]["state"][0]["moments"].shape == (64, 2, 32)
+
+    single = tiny(data_dir, tmp_path / "single", model={"dropout": 0.0},
+                  memory={"input_dropout": 0.0, "query_batchnorm": False},
+                  train={"max_steps": 4, "eval_every": 4, "eval_batches": 0, "grad_accum": world})
+    one = train(Config.from_dict(single))
+    for step, loss in one.losses.items():
+        assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5)  # float sums in another order only
+    # Tolerance: the value table within 1e-5; dense weights within 1e-4, 3% of one Adam step at lr 3e-3 (Adam divides
+    # by sqrt(v), so a tiny gradient summed in another order can move an element by a visible part of a step).
+    for name, a in one.model.state_dict().items():
+        torch.testing.assert_close(saved["model"][name], a, rtol=1e-4, atol=1e-5 if name == TABLE else 1e-4, msg=name)
+    # One process (no process group) loads the sharded run's checkpoint and finds the perplexity it reported.
+    row = evaluate_checkpoint(tmp_path / "sharded", splits=["valid"])
+    assert row["valid_loss"] == pytest.approx(ranks[0]["valid"], rel=1e-6)
+    assert one.valid_loss == pytest.approx(ranks[0]["valid"], rel=1e-5)
+
+
+def test_sharded_resume_is_exact_and_reshards_to_another_world_size(data_dir, tmp_path):
+    import shutil
+
+    whole = _torchrun(tmp_path, _sharded(data_dir, tmp_path / "whole"), 2)
+    step2 = list_checkpoints(tmp_path / "whole")[0]
+    assert load_checkpoint(step2)["step"] == 2
+    for name in ("cut", "alone"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copy(step2, tmp_path / name / "checkpoints" / step2.name)
+    # Same world size: bitwise the same steps 3 and 4 and the same tables.
+    (tmp_path / "worker.py").write_text(WORKER.replace("train(Config", "train(resume='latest', config=Config"))
+    cfg = _write_config(tmp_path / "cut.yaml", _sharded(data_dir, tmp_path / "cut"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), cfg, str(tmp_path)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rest = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in range(2):
+        assert rest[r]["losses"] == {s: whole[r]["losses"][s] for s in (3, 4)}
+        assert torch.equal(rest[r]["state"][TABLE], whole[r]["state"][TABLE])
+    # One process resumes the 2-process checkpoint: the whole table and moments, same trajectory up to rounding.
+    alone = train(Config.from_dict(_sharded(data_dir, tmp_path / "alone")), resume="latest")
+    assert alone.step == 4
+    for s in (3, 4):
+        assert alone.losses[s] == pytest.approx(whole[0]["losses"][s], rel=1e-5)
+    final = load_checkpoint(list_checkpoints(tmp_path / "whole")[-1])["model"][TABLE]
+    torch.testing.assert_close(alone.model.state_dict()[TABLE], final, rtol=1e-4, atol=1e-5)
+
+
+DRIFT_WORKER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, os.getcwd())
+    import train as cli
+    from pkmlm.optim import RowAdam
+    step = RowAdam.step
+    def drifting_step(self, closure=None):  # rank 1's table gets one extra ulp in row 0
+        out = step(self, closure)
+        if os.environ["RANK"] == "1":
+            w = self.param_groups[0]["params"][0].data
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(1.0))
+        return out
+    RowAdam.step = drifting_step
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_replica_drift_stops_the_run_with_a_clear_message(data_dir, tmp_path):
+    (tmp_path / "drift.py").write_text(DRIFT_WORKER)
+    cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run", train={"max_steps": 2,
+                                                                                     "checkpoint_every": 2}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "drift.py"), "--config", cfg], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: blocks.1.memory.values.weight differs between ranks (ranks [1] disagree "
+                             "with rank 0)") == 2, proc.stderr[-3000:]  # every rank stops, one line each
+    assert list_checkpoints(tmp_path / "run") == []  # nothing written from drifted replicas
