@@ -10,16 +10,24 @@ and ninja; about 15 s, once per machine, cached in torch's extension directory, 
 Everything else — other devices, other dtypes, or when the kernels cannot be built or are switched
 off — runs pkmlm's pure-torch code, with the same results up to float rounding and the order of
 tied scores. Switch: environment variable `PKMLM_CPU_KERNELS`: "1" (default) builds and uses them,
-falling back with a warning if the build fails; "0" never uses them.
+falling back with a warning if the build fails; "0" never uses them; anything else is a `KernelsError`.
+
+Concurrent builds: torch serialises them with a lock file that a killed build leaves behind, after
+which every later process would wait on it forever. pkmlm builds under its own `flock` lock next to
+it, which dies with its owner: whoever holds that lock may delete torch's leftover file, and a
+process that cannot get it within `BUILD_LOCK_TIMEOUT` seconds warns, naming the lock, and runs the
+pure-torch code.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import hashlib
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 
@@ -32,15 +40,21 @@ SOURCE = Path(__file__).parent / "csrc" / "pkm_cpu.cpp"
 # extension's name so that machines sharing a home directory never load each other's build.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
+BUILD_LOCK_TIMEOUT = 600.0  # seconds to wait for another process's build (a cold build takes ~30 s)
+
 _build: dict[str, object] = {}  # "ok": bool, once a build was attempted in this process
+
+
+class KernelsError(ValueError):
+    """`PKMLM_CPU_KERNELS` holds something other than "0" or "1"."""
 
 
 def enabled() -> bool:
     """Whether `PKMLM_CPU_KERNELS` allows the kernels ("1", the default) or not ("0")."""
     value = os.environ.get(ENV_VAR, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{ENV_VAR} must be '1' (use the compiled CPU kernels, the default) or '0' "
-                         f"(pure torch), got {value!r}")
+        raise KernelsError(f"environment variable {ENV_VAR}={value!r} is not valid: set it to 1 (use the "
+                           f"compiled CPU kernels, the default) or 0 (pure torch), or unset it")
     return value == "1"
 
 
@@ -70,15 +84,43 @@ def _load() -> bool:
 
     name = "pkmlm_cpu_" + _machine_digest()
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False,
-                           verbose=False)
-    except Exception as e:  # no compiler, no ninja, unsupported flags: all mean "use torch"
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        with _build_lock(build_dir.with_name(build_dir.name + ".pkmlm-lock")):
+            (build_dir / "lock").unlink(missing_ok=True)  # torch's lock: stale, since we hold ours
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False,
+                               verbose=False)
+    except Exception as e:  # no compiler, no ninja, unsupported flags, a lock held too long: "use torch"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"pkmlm: could not build the compiled CPU kernels ({first_line}); using the slower "
                       f"pure-torch code. Install a C++ compiler and ninja, or set {ENV_VAR}=0 to silence this.",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+class _build_lock:
+    """An exclusive flock on `path`, waited for up to BUILD_LOCK_TIMEOUT s; released when its owner dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + BUILD_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise TimeoutError(f"another process has held the kernel build lock {self.path} for over "
+                                       f"{BUILD_LOCK_TIMEOUT:.0f} s (a build still running?)") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def _machine_digest() -> str:

@@ -8,7 +8,12 @@ tests skip when the kernels cannot be built; the env-var and build-failure tests
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,7 +313,7 @@ def test_env_var_switch(monkeypatch):
     assert kernels.usable(t) is False
     for bad in ("yes", "", "true", " 1"):
         monkeypatch.setenv(kernels.ENV_VAR, bad)
-        with pytest.raises(ValueError, match=kernels.ENV_VAR):
+        with pytest.raises(kernels.KernelsError, match=kernels.ENV_VAR):
             kernels.enabled()
         with pytest.raises(ValueError, match="PKMLM_CPU_KERNELS"):
             kernels.usable(t)
@@ -407,3 +412,84 @@ def test_failed_build_is_cached_and_memory_uses_torch(monkeypatch):
     monkeypatch.setattr(kernels, "_build", {})
     monkeypatch.setenv(kernels.ENV_VAR, "0")
     assert kernels.available() is False and kernels._build == {} and len(calls) == 1
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_bad_env_var_is_one_line_exit_2(script, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config", str(tmp_path / "none.yaml")] if script == "train.py" else [str(tmp_path)]
+    env = dict(os.environ, PKMLM_CPU_KERNELS="yes")
+    proc = subprocess.run([sys.executable, script, *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "PKMLM_CPU_KERNELS='yes'" in proc.stderr
+    assert "set it to 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _recording_build(monkeypatch, tmp_path):
+    """cpp_extension.load replaced by a recorder; builds go to tmp_path. Returns (calls, torch's lock file)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    name = "pkmlm_cpu_" + kernels._machine_digest()
+    torch_lock = tmp_path / name / "lock"
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(torch_lock.exists()))
+    return calls, torch_lock
+
+
+def test_stale_torch_lock_of_a_killed_build_is_taken_over(monkeypatch, tmp_path):
+    calls, torch_lock = _recording_build(monkeypatch, tmp_path)
+    torch_lock.parent.mkdir(parents=True)
+    torch_lock.write_text("")  # what a build killed mid-way leaves: torch would wait on it forever
+    assert kernels._load() is True
+    assert calls == [False]  # removed before torch's build looked for it
+
+
+def test_build_lock_held_by_a_live_process_times_out_naming_it(monkeypatch, tmp_path):
+    import fcntl
+
+    calls, torch_lock = _recording_build(monkeypatch, tmp_path)
+    torch_lock.parent.mkdir(parents=True)
+    ours = torch_lock.parent.with_name(torch_lock.parent.name + ".pkmlm-lock")
+    monkeypatch.setattr(kernels, "BUILD_LOCK_TIMEOUT", 0.3)
+    with open(ours, "w") as holder:  # another open file: flock conflicts as with another process
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="kernel build lock") as record:
+            assert kernels._load() is False
+        assert time.monotonic() - start < 5
+    assert str(ours) in str(record[0].message) and calls == []
+    assert kernels._load() is True and calls == [False]  # released: the next build goes ahead
+
+
+# ---- the ops check what they are given (one pass; the hot loops stay unchecked) -----------------------
+
+@pytest.mark.parametrize("bad", [10**9, -1, 64])
+def test_ops_reject_out_of_range_ids(kernel_calls, bad):
+    q, keys = torch.randn(3, 2, 2, 4), torch.randn(2, 2, 8, 4)
+    slots = torch.zeros(3, 2, 5, dtype=torch.long)
+    slots[1, 1, 2] = bad
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 64\)"):
+        torch.ops.pkmlm.pkm_lookup_backward(torch.randn(3, 2, 5), slots, q, keys)
+    table, ids = torch.randn(64, 6), torch.zeros(3, 10, dtype=torch.long)
+    ids[2, 9] = bad
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 64\)"):
+        torch.ops.pkmlm.bag_weights_backward(torch.randn(3, 6), table, ids)
+    before = table.clone()
+    rows = torch.tensor([0, 5, bad])
+    with pytest.raises(RuntimeError, match=r"rows must lie in \[0, 64\)"):
+        torch.ops.pkmlm.row_adam_(table, torch.zeros(64, 2, 6), torch.zeros(64, dtype=torch.long), rows,
+                                  torch.randn(3, 6), 0.1, 0.9, 0.999, 1e-8)
+    assert torch.equal(table, before)  # checked before any row was written
+
+
+def test_lookup_backward_rejects_shapes_that_do_not_match_the_query(kernel_calls):
+    q, keys = torch.randn(3, 2, 2, 4), torch.randn(2, 2, 8, 4)
+    for shape in [(4, 2, 5), (3, 1, 5)]:  # more tokens or fewer heads than q
+        with pytest.raises(RuntimeError, match="grad_scores and slots must be"):
+            torch.ops.pkmlm.pkm_lookup_backward(torch.randn(shape), torch.zeros(shape, dtype=torch.long), q, keys)
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.pkmlm.pkm_lookup_backward(torch.randn(3, 2, 5), torch.zeros(3, 2, 5, dtype=torch.long), q,
+                                            torch.randn(2, 2, 8, 6))

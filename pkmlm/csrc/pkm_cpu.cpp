@@ -117,6 +117,22 @@ void check_float_contiguous(const Tensor& t, const char* name, int64_t dim) {
               name, " must be a contiguous float32 CPU tensor with ", dim, " dimensions");
 }
 
+// One pass over the ids before the unchecked hot loops: an id out of [0, size) would read or write
+// outside a buffer.
+void check_ids(const Tensor& ids, int64_t size, const char* name) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous(), name,
+              " must be a contiguous int64 CPU tensor");
+  const int64_t* p = ids.data_ptr<int64_t>();
+  const int64_t n = ids.numel();
+  uint64_t bad = 0;  // as unsigned, a negative id is above every size
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(p[i]) >= static_cast<uint64_t>(size);
+  if (bad) {
+    int64_t lo = p[0], hi = p[0];
+    for (int64_t i = 1; i < n; ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
+    TORCH_CHECK(false, name, " must lie in [0, ", size, "), got values in [", lo, ", ", hi, "]");
+  }
+}
+
 // Exact top-knn slots of queries q (N, H, 2, half) against sub-keys (H, 2, K, half).
 // Returns scores (N, H, knn) float32, slots (N, H, knn) int64 = i1 * K + i2, and, if with_subkeys,
 // each half's top-knn sub-key ids (N, H, 2, knn) int64 (else an empty tensor).
@@ -211,6 +227,12 @@ std::tuple<Tensor, Tensor> pkm_lookup_backward(const Tensor& grad_scores, const 
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.sizes() == grad_scores.sizes(),
               "slots must be a contiguous int64 tensor shaped like grad_scores");
   const int64_t N = q.size(0), H = q.size(1), half = q.size(3), K = keys.size(2), knn = slots.size(2);
+  TORCH_CHECK(q.size(2) == 2 && keys.size(0) == H && keys.size(1) == 2 && keys.size(3) == half,
+              "q (N, H, 2, half) and keys (H, 2, K, half) do not match");
+  TORCH_CHECK(grad_scores.size(0) == N && grad_scores.size(1) == H,
+              "grad_scores and slots must be (N, H, knn) for q (N, H, 2, half), got ", grad_scores.sizes(),
+              " for q ", q.sizes());
+  check_ids(slots, K * K, "slots");
   Tensor grad_q = at::zeros_like(q);
   Tensor grad_keys = at::zeros_like(keys);
   const float* g = grad_scores.data_ptr<float>();
@@ -263,6 +285,7 @@ Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const T
               "slots must be a contiguous int64 (N, reads) tensor");
   const int64_t N = slots.size(0), R = slots.size(1), D = table.size(1);
   TORCH_CHECK(grad_out.size(1) == D, "grad_out and table rows differ in size");
+  check_ids(slots, table.size(0), "slots");
   Tensor result = at::empty({N, R}, grad_out.options());
   const float* go = grad_out.data_ptr<float>();
   const float* tp = table.data_ptr<float>();
@@ -302,6 +325,7 @@ void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, c
   TORCH_CHECK(grads.size(0) == R && grads.size(1) == D && moments.size(0) == weight.size(0) &&
                   moments.size(1) == 2 && moments.size(2) == D && step.numel() == weight.size(0),
               "weight, moments, step, rows and grads do not match");
+  check_ids(rows, weight.size(0), "rows");
   float* w = weight.data_ptr<float>();
   float* m = moments.data_ptr<float>();
   int64_t* st = step.data_ptr<int64_t>();
