@@ -125,8 +125,6 @@ class Config:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} is not divisible by world_size ({world_size}) x "
                 f"train.grad_accum ({self.train.grad_accum}); pick a multiple of {per_step}")
-        if self.train.precision == "fp16" and device_type != "cuda":
-            raise ConfigError(f"train.precision=fp16 needs a CUDA device (running on {device_type}); use bf16")
 
     def resolve_vocab_size(self, data_vocab_size: int) -> int:
         """The embedding size to build: model.vocab_size, or the data's when it is 0."""
@@ -359,8 +357,6 @@ def _problems(c: Config):
         yield "train.precision", f"'{t.precision}' (must be one of {', '.join(PRECISIONS)})"
     if t.device not in DEVICES:
         yield "train.device", f"'{t.device}' (must be one of {', '.join(DEVICES)})"
-    if t.precision == "fp16" and t.device == "cpu":
-        yield "train.precision", "fp16 needs CUDA (train.device=cpu); use bf16 on the CPU"
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         yield from at_least(f"train.{name}", getattr(t, name), 1)
     yield from at_least("train.eval_batches", t.eval_batches, 0)

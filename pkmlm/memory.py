@@ -168,10 +168,12 @@ class ProductKeyMemory(nn.Module):
     def _search(self, q: Tensor, with_subkeys: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         """(N, heads, k_dim) -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn).
 
-        On float32 CPU tensors the compiled kernel does it all (see pkmlm.kernels; sub-key ids only
-        when asked for); elsewhere these torch ops do the same.
+        On float32 CPU keys the compiled kernel does it all (see pkmlm.kernels; sub-key ids only
+        when asked for), also for bf16/fp16 autocast queries; elsewhere these torch ops do the same.
         """
         n, half = q.shape[0], self.k_dim // 2
+        if q.dtype in (torch.bfloat16, torch.float16) and kernels.usable(self.keys):
+            q = q.float()  # CPU autocast: the kernel searches the rounded queries exactly, in float32
         if kernels.usable(q, self.keys):
             return _CompiledLookup.apply(q, self.keys, self.knn, with_subkeys)
         # (N, heads, 2, n_keys): each query half against its own sub-keys, all heads in one einsum.

@@ -493,3 +493,22 @@ def test_lookup_backward_rejects_shapes_that_do_not_match_the_query(kernel_calls
     with pytest.raises(RuntimeError, match="do not match"):
         torch.ops.pkmlm.pkm_lookup_backward(torch.randn(3, 2, 5), torch.zeros(3, 2, 5, dtype=torch.long), q,
                                             torch.randn(2, 2, 8, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_takes_the_kernels(monkeypatch, kernel_calls, dtype):
+    """Under CPU autocast the search, its backward and the weights' gradient still run in the kernels,
+    and find the same slots as float32 queries rounded like autocast rounds them."""
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(16, 16, n_keys=12, heads=2, knn=4, k_dim=8)
+    x = torch.randn(3, 5, 16)
+    with torch.autocast("cpu", dtype=dtype):
+        q = mem.query(x)
+        out = mem(x)
+    out.float().sum().backward()
+    assert q.dtype == dtype and mem.keys.grad is not None and mem.keys.grad.dtype == torch.float32
+    assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["pkm_lookup_backward"] == 1
+    assert kernel_calls["bag_weights_backward"] == 1
+    scores, slots = mem.lookup(q.float())
+    ref_scores, ref_slots = run(monkeypatch, False, lambda: mem.lookup(q.float()))
+    assert_same_topk(mem, q.float(), scores, slots, ref_scores, ref_slots)
