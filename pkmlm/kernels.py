@@ -72,6 +72,12 @@ def usable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
 
+def simd_path() -> str:
+    """The top-k selection path the lookup kernel uses: "avx512", "avx2" or "scalar" (the best the CPU
+    has; `torch.ops.pkmlm.select_simd(name)` forces another for tests). Requires available()."""
+    return torch.ops.pkmlm.select_simd("")
+
+
 def _registered() -> bool:
     """Whether this process already has the ops (torch.ops namespaces are created on first access)."""
     return hasattr(torch.ops.pkmlm, "pkm_lookup")
@@ -124,7 +130,9 @@ class _build_lock:
 
 
 def _machine_digest() -> str:
-    cpu = platform.machine()
+    # torch rebuilds when SOURCE changes, not when a header it includes does: those go into the name.
+    headers = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h")))
+    cpu = platform.machine() + hashlib.sha1(headers).hexdigest()
     try:
         with open("/proc/cpuinfo") as f:
             cpu += "".join(line for line in f if line.startswith(("model name", "flags")))

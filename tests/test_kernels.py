@@ -512,3 +512,41 @@ def test_autocast_takes_the_kernels(monkeypatch, kernel_calls, dtype):
     scores, slots = mem.lookup(q.float())
     ref_scores, ref_slots = run(monkeypatch, False, lambda: mem.lookup(q.float()))
     assert_same_topk(mem, q.float(), scores, slots, ref_scores, ref_slots)
+
+
+# (N, heads, n_keys, half, knn): every register count of both vector widths (knn 1 to 128), the
+# fallback above them (knn 300), short rows sorted whole and long rows pre-filtered by group maxima.
+SELECTION_CASES = [(70, 2, 8, 3, 8), (65, 2, 10, 3, 1), (130, 3, 37, 8, 5), (200, 4, 64, 4, 32), (40, 2, 128, 8, 33),
+                   (50, 2, 1024, 8, 32), (40, 2, 1000, 8, 64), (20, 2, 500, 8, 100), (9, 1, 700, 4, 128),
+                   (33, 1, 300, 2, 300), (45, 4, 2000, 4, 7), (30, 2, 333, 4, 16)]
+
+
+@pytest.mark.parametrize("n,heads,n_keys,half,knn", SELECTION_CASES)
+def test_every_selection_path_gives_the_scalar_result(kernel_calls, n, heads, n_keys, half, knn):
+    """Each vectorised top-k the CPU can run returns exactly the scalar path's slots, sub-keys and
+    scores, also with tied scores (a zero query), NaN scores and duplicated sub-keys."""
+    paths = torch.ops.pkmlm.simd_paths()
+    assert paths[0] == "scalar" and kernels.simd_path() == paths[-1]  # the best one by default
+    torch.manual_seed(n_keys + knn)
+    q, keys = torch.randn(n, heads, 2, half), torch.randn(heads, 2, n_keys, half)
+    q[0] = 0
+    q[1, 0, 0, 0] = float("nan")
+    keys[0, 1, n_keys // 2:] = keys[0, 1, :n_keys - n_keys // 2].clone()  # each second-half score twice
+    results = {}
+    try:
+        for path in paths:
+            torch.ops.pkmlm.select_simd(path)
+            results[path] = torch.ops.pkmlm.pkm_lookup(q, keys, knn, True)
+    finally:
+        torch.ops.pkmlm.select_simd("auto")
+    scores, slots, subkeys = results["scalar"]
+    assert scores[1, 0].isnan().all() and (scores[2:, 0, :-1] >= scores[2:, 0, 1:]).all()
+    for path in paths[1:]:
+        assert torch.equal(results[path][1], slots) and torch.equal(results[path][2], subkeys), path
+        torch.testing.assert_close(results[path][0], scores, rtol=0, atol=0, equal_nan=True)
+
+
+def test_select_simd_rejects_unknown_paths(kernel_calls):
+    with pytest.raises(RuntimeError, match="unknown selection path 'sse9'"):
+        torch.ops.pkmlm.select_simd("sse9")
+    assert torch.ops.pkmlm.select_simd("auto") == torch.ops.pkmlm.simd_paths()[-1]
