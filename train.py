@@ -21,6 +21,7 @@ from pkmlm.init_from import InitFromError
 from pkmlm.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
 from pkmlm.metrics import perplexity
 from pkmlm.trainer import TrainingError, train
+from pkmlm.values_file import ValuesFileError
 
 
 def main(argv=None) -> int:
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
             return 0
         result = train(config, resume=args.resume, init_from=args.init_from)
     except (ConfigError, DataError, CheckpointError, DistributedError, TrainingError, InitFromError,
-            KernelsError) as e:
+            KernelsError, ValuesFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if detect_env().is_main and result.valid_loss is not None:

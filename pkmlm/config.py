@@ -55,6 +55,7 @@ class MemoryConfig:
     share_values: bool = False
     reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/reinit.py
     reinit_min_count: int = 1  # a slot read fewer times than this in the window is dead
+    values_file: Optional[str] = None  # the value table and its Adam state in memory-mapped files here
 
     def placements(self) -> list[tuple[int, str]]:
         """`positions` parsed to (layer, placement) pairs, in the order given. Assumes a validated config."""
@@ -121,6 +122,10 @@ class Config:
     def validate_runtime(self, *, world_size: int = 1, device_type: str = "cpu") -> None:
         """Checks that need facts known only at launch: the process count and the device actually used."""
         per_step = world_size * self.train.grad_accum
+        if self.memory.values_file and (world_size > 1 or device_type != "cpu"):
+            raise ConfigError(
+                f"memory.values_file keeps the value table in memory-mapped files for one CPU process; this run "
+                f"has {world_size} process(es) on {device_type}: unset memory.values_file, or run one CPU process")
         if self.data.batch_size % per_step:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} is not divisible by world_size ({world_size}) x "
@@ -326,6 +331,15 @@ def _problems(c: Config):
         yield from probability(f"memory.{name}", getattr(mem, name))
     yield from at_least("memory.reinit_every", mem.reinit_every, 0)
     yield from at_least("memory.reinit_min_count", mem.reinit_min_count, 1)
+    if mem.values_file is not None:
+        tables = 1 if mem.share_values else len(mem.positions)
+        if not mem.values_file.strip():
+            yield "memory.values_file", "empty (give a file path, or leave it unset for a table in RAM)"
+        elif tables != 1:
+            yield "memory.values_file", (f"needs exactly one value table, the model has {tables} "
+                                         "(set memory.share_values=true or use one memory position)")
+        elif mem.reinit_every > 0:
+            yield "memory.values_file", "cannot be combined with memory.reinit_every > 0 (set it to 0)"
     if mem.reinit_every > 0 and not mem.positions:
         yield "memory.reinit_every", f"{mem.reinit_every} but the model has no memory (memory.positions is empty)"
 

@@ -15,14 +15,15 @@ from torch import Tensor, nn
 from pkmlm import kernels
 
 
-def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True) -> nn.EmbeddingBag:
+def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True, device=None) -> nn.EmbeddingBag:
     """A value table of `n_keys**2` rows of size `v_dim`, initialised N(0, v_dim**-0.5).
 
     Build one and pass it as `values=` to several `ProductKeyMemory` layers to share it.
     `sparse=True` makes its gradient a row-sparse tensor (only the rows read in the step).
+    device="meta": a placeholder without storage, for a table that pkmlm.values_file maps from disk.
     """
     _check_positive(n_keys=n_keys, v_dim=v_dim)
-    table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse)
+    table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse, device=device)
     nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
     return table
 

@@ -105,8 +105,10 @@ class TransformerLM(nn.Module):
 
         placements = config.memory.placements()
         shared = None
-        if config.memory.share_values and placements:
-            shared = make_value_table(config.memory.n_keys, config.memory.v_dim or m.d_model)
+        if (config.memory.share_values or config.memory.values_file) and placements:
+            # values_file: a placeholder that pkmlm.values_file.attach maps from disk.
+            shared = make_value_table(config.memory.n_keys, config.memory.v_dim or m.d_model,
+                                      device="meta" if config.memory.values_file else None)
 
         def memory_if(layer: int, kinds: tuple[str, ...]) -> ProductKeyMemory | None:
             if any(p == (layer, kind) for p in placements for kind in kinds):

@@ -37,6 +37,7 @@ from pkmlm.model import TransformerLM
 from pkmlm.optim import Optimizers, inverse_sqrt_warmup, make_optimizers
 from pkmlm.sparse import coalesce_rows
 from pkmlm.reinit import DeadSlotReinit
+from pkmlm import values_file as vfile
 
 
 class TrainingError(Exception):
@@ -109,7 +110,11 @@ class Trainer:
         self.micro_rows = d.batch_size // (env.world_size * t.grad_accum)
 
         torch.manual_seed(t.seed)  # same initial weights on every rank
-        self.model = TransformerLM(config, config.resolve_vocab_size(self.train_data.vocab_size)).to(device)
+        self.model = TransformerLM(config, config.resolve_vocab_size(self.train_data.vocab_size))
+        self.values_file = None  # memory.values_file: the table and its Adam state in mapped files
+        if config.memory.values_file:
+            self.values_file = vfile.attach(self.model, config.memory.values_file, writable=True, seed=t.seed)
+        self.model = self.model.to(device)
         self.optim: Optimizers = make_optimizers(self.model, lr=t.lr, value_lr=t.value_lr, betas=tuple(t.betas),
                                                  weight_decay=t.weight_decay)
         # Clipping and norms per optimizer: dense parameters, memory value rows.
@@ -138,11 +143,18 @@ class Trainer:
             return None
         path = ckpt.latest_checkpoint(self.out_dir) if resume == "latest" else Path(resume)
         if path is None:
+            if self.values_file is not None:
+                self.values_file.restore(0)  # undoes the steps of an attempt that crashed before its first checkpoint
             return None
         state = ckpt.load_checkpoint(path)
         ckpt.check_resumable(state["config"], self.config.to_dict(), path)
         ckpt.check_vocab(state["vocab_hash"], self.train_data.vocab_hash, path)
-        self.model.load_state_dict(state["model"])
+        if self.values_file is not None:
+            self.values_file.check_record(state.get("values_file"), path)
+            self.values_file.restore(state["step"])
+            vfile.load_model_state(self.model, state["model"], self.values_file)
+        else:
+            self.model.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optimizers"])
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -165,16 +177,23 @@ class Trainer:
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
         if not self.env.is_main:
             return
-        for name, p in self.model.state_dict().items():
+        model_state = self.model.state_dict()
+        if self.values_file is not None:  # the table stays in its file, made durable before the checkpoint names it
+            model_state = vfile.strip_state(model_state, self.values_file)
+            self.values_file.sync()
+        for name, p in model_state.items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise TrainingError(f"refusing to checkpoint: {name} holds NaN or inf")
-        state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
+        state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": model_state,
                  "optimizers": self.optim.state_dict(), "step": self.step, "rng": {"ranks": rng},
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
                  # The lr schedule is a pure function of the step, so it needs no state of its own.
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                 "reinit": reinit, "init_from": self.init_from}
+                 "reinit": reinit, "init_from": self.init_from,
+                 "values_file": self.values_file.record() if self.values_file is not None else None}
         path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
+        if self.values_file is not None:
+            self.values_file.checkpoint(self.step)  # later changes are journaled against this checkpoint
         self.log.message(f"step {self.step}: saved {path}")
 
     # ---- one optimizer step ------------------------------------------------------------------------------
