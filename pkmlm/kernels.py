@@ -74,8 +74,8 @@ def usable(*tensors: Tensor) -> bool:
 
 def simd_path() -> str:
     """The top-k selection path the lookup kernel uses: "avx512", "avx2" or "scalar" (the best the CPU
-    has; `torch.ops.pkmlm.select_simd(name)` forces another for tests). Requires available()."""
-    return torch.ops.pkmlm.select_simd("")
+    has; `torch.ops.pkmlm.select_simd(name)` forces another for tests), or "none" without the kernels."""
+    return torch.ops.pkmlm.select_simd("") if available() else "none"
 
 
 def _registered() -> bool:

@@ -16,8 +16,8 @@ the checkpoint the journal is based at writes those rows back (the files return 
 exactly); a journal based at an older step is stale (nothing changed since the newer checkpoint); one
 based at a newer step means the files are past the checkpoint asked for, which is refused. Nothing
 is lost beyond what any crash loses: the steps since the last checkpoint. Cost: each row touched
-between two checkpoints is written once more (to the journal), and one fsync per step that touches
-new rows. Evaluation maps the files copy-on-write and applies the journal to its private copy.
+between two checkpoints is written once more (to the journal; its moments only if it was updated
+before), and one fsync per step that touches new rows. Evaluation maps the files copy-on-write and applies the journal to its private copy.
 """
 
 from __future__ import annotations
@@ -156,18 +156,21 @@ class ValuesFile:
 
     def _records(self):
         """(rows, table rows, moments, steps) of each journal record, in order; a torn last record is
-        ignored (its rows were not changed: changes wait for the fsync)."""
+        ignored (its rows were not changed: changes wait for the fsync). A record holds the moments of
+        the rows with a step count only (the others' are zero)."""
         data = self.undo.read_bytes()
         pos, d = 16, self.dim
-        while pos + 8 <= len(data):
-            (n,) = struct.unpack_from("<q", data, pos)
-            size = 8 + n * 8 + n * d * 4 + n * 2 * d * 4 + n * 8
-            if n <= 0 or pos + size > len(data):
+        while pos + 16 <= len(data):
+            n, m = struct.unpack_from("<qq", data, pos)
+            size = 16 + n * 8 + n * d * 4 + n * 8 + m * 2 * d * 4
+            if n <= 0 or not 0 <= m <= n or pos + size > len(data):
                 break
-            buf = torch.frombuffer(bytearray(data[pos + 8:pos + size]), dtype=torch.uint8)
-            parts = buf.split([n * 8, n * d * 4, n * 2 * d * 4, n * 8])
-            yield (parts[0].view(torch.int64), parts[1].view(torch.float32).view(n, d),
-                   parts[2].view(torch.float32).view(n, 2, d), parts[3].view(torch.int64))
+            buf = torch.frombuffer(bytearray(data[pos + 16:pos + size]), dtype=torch.uint8)
+            rows, table, steps, stepped = buf.split([n * 8, n * d * 4, n * 8, m * 2 * d * 4])
+            steps = steps.view(torch.int64)
+            moments = torch.zeros(n, 2, d)
+            moments[steps > 0] = stepped.view(torch.float32).view(m, 2, d)
+            yield rows.view(torch.int64), table.view(torch.float32).view(n, d), moments, steps
             pos += size
 
     def restore(self, step: int) -> None:
@@ -202,8 +205,11 @@ class ValuesFile:
             return
         if self._journal is None:
             self._journal = open(self.undo, "ab")
-        record = [struct.pack("<q", new.numel()), new.numpy().tobytes(), self.weight[new].numpy().tobytes(),
-                  self.moments[new].numpy().tobytes(), self.step[new].numpy().tobytes()]
+        steps = self.step[new]
+        stepped = new[steps > 0]  # rows never updated have zero moments: not read, not stored
+        record = [struct.pack("<qq", new.numel(), stepped.numel()), new.numpy().tobytes(),
+                  self.weight.detach()[new].numpy().tobytes(), steps.numpy().tobytes(),
+                  self.moments[stepped].numpy().tobytes()]
         self._journal.write(b"".join(record))
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -240,9 +246,9 @@ def attach(model: nn.Module, path: str | os.PathLike, *, writable: bool, seed: i
     """Give every memory of `model` the file-backed table at `path` (the model built it on the meta
     device: memory.values_file needs one table, shared or single). Call before moving the model and
     before making its optimizers."""
-    from pkmlm.model import TransformerLM  # the model builds the placeholder; this module only fills it
+    from pkmlm.memory import ProductKeyMemory
 
-    tables = {id(m.values): m.values for _, m in model.memories()} if isinstance(model, TransformerLM) else {}
+    tables = {id(m.values): m.values for m in model.modules() if isinstance(m, ProductKeyMemory)}
     if len(tables) != 1:
         raise ValuesFileError(f"memory.values_file needs exactly one value table, the model has {len(tables)}")
     table = next(iter(tables.values()))
