@@ -7,6 +7,9 @@ passes over each touched value row. The kernels do the same arithmetic with far 
 docs/benchmarks.md). They are built on first use with `torch.utils.cpp_extension` (a C++ compiler
 and ninja; about 15 s, once per machine, cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`).
 
+The lookup's top-k selection has AVX-512, AVX2 and scalar versions (pkm_topk_simd.h); the best one
+the CPU reports (`__builtin_cpu_supports`) is used, and all return identical results (`simd_path()`).
+
 Everything else — other devices, other dtypes, or when the kernels cannot be built or are switched
 off — runs pkmlm's pure-torch code, with the same results up to float rounding and the order of
 tied scores. Switch: environment variable `PKMLM_CPU_KERNELS`: "1" (default) builds and uses them,
@@ -37,7 +40,9 @@ from torch import Tensor
 ENV_VAR = "PKMLM_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "csrc" / "pkm_cpu.cpp"
 # -march=native: the kernels are built on the machine that runs them; the CPU's flags go into the
-# extension's name so that machines sharing a home directory never load each other's build.
+# extension's name so that machines sharing a home directory never load each other's build. The
+# vectorised selection does not rely on it: each version is compiled for its own instruction set and
+# picked at run time.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 BUILD_LOCK_TIMEOUT = 600.0  # seconds to wait for another process's build (a cold build takes ~30 s)

@@ -3,9 +3,9 @@ memory-mapped files, so only the rows a step touches are paged in and the kernel
 
 Files, for `memory.values_file: PATH` (all next to each other):
     PATH        the table, (rows, v_dim) float32, initialised N(0, v_dim**-0.5) once, when created
-    PATH.adam   RowAdam's moments, (rows, 2, v_dim) float32: a sparse file, so untouched rows cost
-                neither disk nor a first-step pass (they read as zero pages)
-    PATH.step   RowAdam's step count per row, (rows,) int64, sparse too
+    PATH.adam   RowAdam's moments, (rows, 2, v_dim) float32: allocated but never written (fallocate),
+                so untouched rows cost no first-step pass (they read as zero pages)
+    PATH.step   RowAdam's step count per row, (rows,) int64, allocated the same way
     PATH.json   shape and a random id (`uid`) that checkpoints record
     PATH.undo   the undo journal: the rows changed since the last checkpoint, as they were then
 
@@ -113,7 +113,13 @@ class ValuesFile:
         os.replace(tmp, self.path)
         for path, size in ((self._adam, self.rows * 2 * self.dim * 4), (self._step, self.rows * 8)):
             with open(path, "wb") as f:
-                f.truncate(size)  # sparse: zero pages, read lazily
+                # Reserved, not written: reads are zero pages without I/O, writes never hit a full disk (a
+                # SIGBUS through the mapping), and the blocks are contiguous (a sparse file written row by
+                # row fragments into one extent per row).
+                try:
+                    os.posix_fallocate(f.fileno(), 0, size)
+                except OSError:  # a file system without it: sparse
+                    f.truncate(size)
         self._write_journal_header(0)
         write_text_atomic(self.meta, json.dumps({"uid": uuid.uuid4().hex, "rows": self.rows, "dim": self.dim,
                                                  "dtype": "float32"}) + "\n")
