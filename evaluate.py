@@ -23,7 +23,7 @@ from pkmlm.data import DataError
 from pkmlm.distributed import DistributedError, destroy_process_group, detect_env, init_process_group, resolve_device
 from pkmlm.evaluation import EvaluationError, evaluate_checkpoint
 from pkmlm.fileio import write_text_atomic
-from pkmlm.kernels import retain_freed_memory
+from pkmlm.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
 
 # Markdown columns per memory (the JSON and CSV have every metric).
 MEMORY_COLUMNS = ("usage", "kl_counts", "kl_weights", "gini_weights", "slots_50", "slots_90", "slots_99")
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
 
     env = detect_env()
     try:
+        kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
         if not splits:
             raise EvaluationError("--split is empty: give split names, e.g. --split valid,test")
         for flag, out in (("--json", args.json), ("--csv", args.csv)):
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
                                         per_head=args.per_head, device=device) for p in args.paths]
         finally:
             destroy_process_group()
-    except (EvaluationError, CheckpointError, ConfigError, DataError, DistributedError) as e:
+    except (EvaluationError, CheckpointError, ConfigError, DataError, DistributedError, KernelsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not env.is_main:

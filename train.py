@@ -18,9 +18,10 @@ from pkmlm.config import ConfigError, load_config
 from pkmlm.data import DataError
 from pkmlm.distributed import PREEMPTED_EXIT_CODE, DistributedError, detect_env
 from pkmlm.init_from import InitFromError
-from pkmlm.kernels import retain_freed_memory
+from pkmlm.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
 from pkmlm.metrics import perplexity
 from pkmlm.trainer import TrainingError, train
+from pkmlm.values_file import ValuesFileError
 
 
 def main(argv=None) -> int:
@@ -40,12 +41,14 @@ def main(argv=None) -> int:
         args.overrides.append(args.resume)
         args.resume = "latest"
     try:
+        kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
         config = load_config(args.config, args.overrides)
         if args.print_config:
             print(config.to_yaml(), end="")
             return 0
         result = train(config, resume=args.resume, init_from=args.init_from)
-    except (ConfigError, DataError, CheckpointError, DistributedError, TrainingError, InitFromError) as e:
+    except (ConfigError, DataError, CheckpointError, DistributedError, TrainingError, InitFromError,
+            KernelsError, ValuesFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if detect_env().is_main and result.valid_loss is not None:

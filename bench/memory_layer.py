@@ -14,7 +14,8 @@ configured identically (heads=4, num_keys, topk=32, dim_head=128 per query half;
 since its BatchNorm option crashes in that version)
 and trained with its recommended parameter groups (`fetch_optimizer_parameters`: Adam, values at
 lr 1e-2, dense). A last table times the value-table update alone: torch.optim.SparseAdam vs RowAdam
-on the same sparse gradient.
+on the same sparse gradient. Between them, the floor of pkmlm's step at each size from rates measured
+on this machine (copy bandwidth, matmul FLOP/s; see step_floor) and the step's ratio to it.
 
 Like train.py, the bench first calls pkmlm.kernels.retain_freed_memory(), which applies to every
 layer timed here; pkmlm's compiled CPU kernels are used unless PKMLM_CPU_KERNELS=0 (the header line
@@ -31,7 +32,7 @@ import time
 import torch
 from torch import nn
 
-from pkmlm.kernels import available as kernels_available, retain_freed_memory
+from pkmlm.kernels import available as kernels_available, retain_freed_memory, simd_path
 from pkmlm.memory import ProductKeyMemory
 from pkmlm.optim import RowAdam, make_optimizers
 
@@ -116,6 +117,49 @@ def value_update_ms(n_keys: int, repeats: int) -> tuple[float, float]:
     return results[0], results[1]
 
 
+def machine_rates() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, counting read + write, of a 512 MB tensor; float32 matmul FLOP/s at the
+    search's shape: heads * 2 products of (tokens x k_dim/2) by (k_dim/2 x 1024)), best of 5 runs."""
+    src = torch.rand(2**27)
+    dst = torch.empty_like(src)
+    copy_s = min(_seconds(lambda: dst.copy_(src)) for _ in range(5))
+    half, n = K_DIM // 2, BATCH * SEQ
+    a, b = torch.randn(HEADS * 2, n, half), torch.randn(HEADS * 2, half, 1024)
+    out = torch.empty(HEADS * 2, n, 1024)
+    mm_s = min(_seconds(lambda: torch.bmm(a, b, out=out)) for _ in range(5))
+    return 2 * src.numel() * 4 / copy_s, 2 * HEADS * 2 * n * half * 1024 / mm_s
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_floor(n_keys: int, copy_rate: float, mm_rate: float) -> dict[str, float]:
+    """Lower bound (ms) of each phase of pkmlm's training step at the machine's measured rates.
+
+    Matmuls (FLOPs / mm_rate): the exact search (every sub-key scored) and the query projection,
+    forward and backward. Memory traffic (bytes / copy_rate): the value rows read in the forward and
+    again for the weights' gradient, the summed gradient rows written, and RowAdam reading gradient,
+    weights and both moments and writing the last three of every touched row. Touched rows are
+    counted on a real batch. Each phase alone at peak rate, nothing overlapped: no implementation of
+    this step (exact search, Adam on the values) does less.
+    """
+    mem, _ = ours(n_keys)
+    with torch.no_grad():
+        _, slots = mem.lookup(mem.query(torch.randn(BATCH, SEQ, DIM)))
+    touched, reads, n, half, row = slots.unique().numel(), slots.numel(), BATCH * SEQ, K_DIM // 2, DIM * 4
+    flops = {"search matmul": 2 * n * HEADS * 2 * half * n_keys,
+             "query projection fwd+bwd": 3 * 2 * n * DIM * HEADS * K_DIM}
+    traffic = {"value reads fwd+bwd": 2 * reads * row, "gradient rows": touched * row,
+               "RowAdam (7 row passes)": 7 * touched * row}
+    floor = {k: 1000 * v / mm_rate for k, v in flops.items()}
+    floor.update({k: 1000 * v / copy_rate for k, v in traffic.items()})
+    floor["touched rows"] = touched
+    return floor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="n_keys values")
@@ -128,7 +172,8 @@ def main() -> None:
     torch.manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load {load:.2f}, "
-          f"compiled CPU kernels: {'yes' if kernels_available() else 'no'}, freed memory retained: "
+          f"compiled CPU kernels: {'yes (top-k: ' + simd_path() + ')' if kernels_available() else 'no'}, "
+          f"freed memory retained: "
           f"{'yes' if retained else 'no'}")
     x = torch.randn(BATCH, SEQ, DIM)
     [(ffn_fwd, ffn_step)] = time_layers([dense_ffn()], x, args.repeats)
@@ -136,16 +181,33 @@ def main() -> None:
 
     print("| slots | pkmlm fwd ms | package fwd ms | fwd ratio | pkmlm step ms | package step ms | step ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
+    our_steps = {}
     for n_keys in args.sizes:
         pypi = pypi_package(n_keys)
         if pypi is None:
             [(fwd, step)] = time_layers([ours(n_keys)], x, args.repeats)
+            our_steps[n_keys] = step
             print(f"| {n_keys**2:,} | {fwd:.1f} | - | - | {step:.1f} | - | - |", flush=True)
             continue
         (fwd, step), (p_fwd, p_step) = time_layers([ours(n_keys), pypi], x, args.repeats)
+        our_steps[n_keys] = step
         del pypi
         print(f"| {n_keys**2:,} | {fwd:.1f} | {p_fwd:.1f} | {fwd / p_fwd:.2f} | {step:.1f} | "
               f"{p_step:.1f} | {step / p_step:.2f} |", flush=True)
+
+    copy_rate, mm_rate = machine_rates()
+    print(f"\nMeasured here: copy {copy_rate / 1e9:.1f} GB/s (read + write), float32 matmul {mm_rate / 1e9:.0f} "
+          f"GFLOP/s. Floor of pkmlm's step (each phase at those rates, see step_floor):")
+    print("| slots | touched rows | search mm | query proj | value reads | grad rows | RowAdam | floor ms | "
+          "step ms | step / floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n_keys in args.sizes:
+        f = step_floor(n_keys, copy_rate, mm_rate)
+        phases = [f["search matmul"], f["query projection fwd+bwd"], f["value reads fwd+bwd"], f["gradient rows"],
+                  f["RowAdam (7 row passes)"]]
+        floor = sum(phases)
+        print(f"| {n_keys**2:,} | {int(f['touched rows']):,} | " + " | ".join(f"{p:.1f}" for p in phases)
+              + f" | {floor:.1f} | {our_steps[n_keys]:.1f} | {our_steps[n_keys] / floor:.2f} |", flush=True)
 
     print("\n| slots | SparseAdam update ms | RowAdam update ms |")
     print("|---:|---:|---:|")

@@ -57,6 +57,7 @@ class MemoryConfig:
     shard_values: bool = False  # each process holds v_dim / world_size columns of every table (pkmlm/value_table.py)
     reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/reinit.py
     reinit_min_count: int = 1  # a slot read fewer times than this in the window is dead
+    values_file: Optional[str] = None  # the value table and its Adam state in memory-mapped files here
 
     def placements(self) -> list[tuple[int, str]]:
         """`positions` parsed to (layer, placement) pairs, in the order given. Assumes a validated config."""
@@ -125,6 +126,10 @@ class Config:
     def validate_runtime(self, *, world_size: int = 1, device_type: str = "cpu") -> None:
         """Checks that need facts known only at launch: the process count and the device actually used."""
         per_step = world_size * self.train.grad_accum
+        if self.memory.values_file and (world_size > 1 or device_type != "cpu"):
+            raise ConfigError(
+                f"memory.values_file keeps the value table in memory-mapped files for one CPU process; this run "
+                f"has {world_size} process(es) on {device_type}: unset memory.values_file, or run one CPU process")
         if self.data.batch_size % per_step:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} is not divisible by world_size ({world_size}) x "
@@ -135,8 +140,6 @@ class Config:
                 f"memory.shard_values=true splits the value columns over processes, but {world_size} processes do "
                 f"not divide v_dim={v_dim}; run on a number of processes that divides {v_dim}, or set "
                 "memory.shard_values=false")
-        if self.train.precision == "fp16" and device_type != "cuda":
-            raise ConfigError(f"train.precision=fp16 needs a CUDA device (running on {device_type}); use bf16")
 
     def resolve_vocab_size(self, data_vocab_size: int) -> int:
         """The embedding size to build: model.vocab_size, or the data's when it is 0."""
@@ -367,6 +370,20 @@ def _problems(c: Config):
         yield from probability(f"memory.{name}", getattr(mem, name))
     yield from at_least("memory.reinit_every", mem.reinit_every, 0)
     yield from at_least("memory.reinit_min_count", mem.reinit_min_count, 1)
+    if mem.values_file is not None:
+        tables = 1 if mem.share_values else len(mem.positions)
+        if not mem.values_file.strip():
+            yield "memory.values_file", "empty (give a file path, or leave it unset for a table in RAM)"
+        elif tables != 1:
+            yield "memory.values_file", (f"needs exactly one value table, the model has {tables} "
+                                         "(set memory.share_values=true or use one memory position)")
+        elif mem.reinit_every > 0:
+            yield "memory.values_file", "cannot be combined with memory.reinit_every > 0 (set it to 0)"
+        elif mem.shard_values:
+            yield "memory.values_file", "cannot be combined with memory.shard_values=true (one process holds the file)"
+        elif t.keep_best:
+            yield "memory.values_file", ("cannot be combined with train.keep_best=true (the file holds the newest "
+                                         "checkpoint's table only); set train.keep_best=false")
     if mem.reinit_every > 0 and not mem.positions:
         yield "memory.reinit_every", f"{mem.reinit_every} but the model has no memory (memory.positions is empty)"
 
@@ -398,8 +415,6 @@ def _problems(c: Config):
         yield "train.precision", f"'{t.precision}' (must be one of {', '.join(PRECISIONS)})"
     if t.device not in DEVICES:
         yield "train.device", f"'{t.device}' (must be one of {', '.join(DEVICES)})"
-    if t.precision == "fp16" and t.device == "cpu":
-        yield "train.precision", "fp16 needs CUDA (train.device=cpu); use bf16 on the CPU"
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         yield from at_least(f"train.{name}", getattr(t, name), 1)
     yield from at_least("train.eval_batches", t.eval_batches, 0)

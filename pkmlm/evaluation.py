@@ -26,6 +26,7 @@ from pkmlm import distributed as D
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
 from pkmlm.model import TransformerLM
+from pkmlm.values_file import ValuesFileError, attach, load_model_state
 from pkmlm.data.stream import eval_batches
 from pkmlm.metrics import memory_stats, per_head_stats, perplexity
 from pkmlm.precision import autocast
@@ -60,8 +61,19 @@ def load_model(state: dict, path: Path, device: torch.device) -> TransformerLM:
     if saved_vocab is None:
         raise EvaluationError(f"{path} holds no token embedding (tok_emb.weight): not a TransformerLM checkpoint")
     model = TransformerLM(config, saved_vocab.shape[0])
+    weights = state["model"]
+    if config.memory.values_file:  # the table is mapped copy-on-write as of the checkpoint's step, never loaded
+        try:
+            vf = attach(model, config.memory.values_file, writable=False)
+            vf.check_record(state.get("values_file"), path)
+            vf.overlay(state["step"])
+        except ValuesFileError as e:
+            raise EvaluationError(str(e)) from None
     try:
-        model.load_state_dict(local_state(model, state["model"]))  # a sharded table keeps its columns
+        if config.memory.values_file:
+            load_model_state(model, weights, vf)
+        else:
+            model.load_state_dict(local_state(model, weights))  # a sharded table keeps its columns
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise EvaluationError(f"{path}: its weights do not fit its saved config ({first})") from None

@@ -7,19 +7,30 @@ passes over each touched value row. The kernels do the same arithmetic with far 
 docs/benchmarks.md). They are built on first use with `torch.utils.cpp_extension` (a C++ compiler
 and ninja; about 15 s, once per machine, cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`).
 
+The lookup's top-k selection has AVX-512, AVX2 and scalar versions (pkm_topk_simd.h); the best one
+the CPU reports (`__builtin_cpu_supports`) is used, and all return identical results (`simd_path()`).
+
 Everything else — other devices, other dtypes, or when the kernels cannot be built or are switched
 off — runs pkmlm's pure-torch code, with the same results up to float rounding and the order of
 tied scores. Switch: environment variable `PKMLM_CPU_KERNELS`: "1" (default) builds and uses them,
-falling back with a warning if the build fails; "0" never uses them.
+falling back with a warning if the build fails; "0" never uses them; anything else is a `KernelsError`.
+
+Concurrent builds: torch serialises them with a lock file that a killed build leaves behind, after
+which every later process would wait on it forever. pkmlm builds under its own `flock` lock next to
+it, which dies with its owner: whoever holds that lock may delete torch's leftover file, and a
+process that cannot get it within `BUILD_LOCK_TIMEOUT` seconds warns, naming the lock, and runs the
+pure-torch code.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import hashlib
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 
@@ -29,18 +40,26 @@ from torch import Tensor
 ENV_VAR = "PKMLM_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "csrc" / "pkm_cpu.cpp"
 # -march=native: the kernels are built on the machine that runs them; the CPU's flags go into the
-# extension's name so that machines sharing a home directory never load each other's build.
+# extension's name so that machines sharing a home directory never load each other's build. The
+# vectorised selection does not rely on it: each version is compiled for its own instruction set and
+# picked at run time.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
+BUILD_LOCK_TIMEOUT = 600.0  # seconds to wait for another process's build (a cold build takes ~30 s)
+
 _build: dict[str, object] = {}  # "ok": bool, once a build was attempted in this process
+
+
+class KernelsError(ValueError):
+    """`PKMLM_CPU_KERNELS` holds something other than "0" or "1"."""
 
 
 def enabled() -> bool:
     """Whether `PKMLM_CPU_KERNELS` allows the kernels ("1", the default) or not ("0")."""
     value = os.environ.get(ENV_VAR, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{ENV_VAR} must be '1' (use the compiled CPU kernels, the default) or '0' "
-                         f"(pure torch), got {value!r}")
+        raise KernelsError(f"environment variable {ENV_VAR}={value!r} is not valid: set it to 1 (use the "
+                           f"compiled CPU kernels, the default) or 0 (pure torch), or unset it")
     return value == "1"
 
 
@@ -58,6 +77,12 @@ def usable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
 
+def simd_path() -> str:
+    """The top-k selection path the lookup kernel uses: "avx512", "avx2" or "scalar" (the best the CPU
+    has; `torch.ops.pkmlm.select_simd(name)` forces another for tests), or "none" without the kernels."""
+    return torch.ops.pkmlm.select_simd("") if available() else "none"
+
+
 def _registered() -> bool:
     """Whether this process already has the ops (torch.ops namespaces are created on first access)."""
     return hasattr(torch.ops.pkmlm, "pkm_lookup")
@@ -70,9 +95,12 @@ def _load() -> bool:
 
     name = "pkmlm_cpu_" + _machine_digest()
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False,
-                           verbose=False)
-    except Exception as e:  # no compiler, no ninja, unsupported flags: all mean "use torch"
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        with _build_lock(build_dir.with_name(build_dir.name + ".pkmlm-lock")):
+            (build_dir / "lock").unlink(missing_ok=True)  # torch's lock: stale, since we hold ours
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False,
+                               verbose=False)
+    except Exception as e:  # no compiler, no ninja, unsupported flags, a lock held too long: "use torch"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"pkmlm: could not build the compiled CPU kernels ({first_line}); using the slower "
                       f"pure-torch code. Install a C++ compiler and ninja, or set {ENV_VAR}=0 to silence this.",
@@ -81,8 +109,35 @@ def _load() -> bool:
     return True
 
 
+class _build_lock:
+    """An exclusive flock on `path`, waited for up to BUILD_LOCK_TIMEOUT s; released when its owner dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + BUILD_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise TimeoutError(f"another process has held the kernel build lock {self.path} for over "
+                                       f"{BUILD_LOCK_TIMEOUT:.0f} s (a build still running?)") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
 def _machine_digest() -> str:
-    cpu = platform.machine()
+    # torch rebuilds when SOURCE changes, not when a header it includes does: those go into the name.
+    headers = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h")))
+    cpu = platform.machine() + hashlib.sha1(headers).hexdigest()
     try:
         with open("/proc/cpuinfo") as f:
             cpu += "".join(line for line in f if line.startswith(("model name", "flags")))

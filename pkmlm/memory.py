@@ -16,15 +16,17 @@ from pkmlm import kernels
 from pkmlm.sparse import row_sparse_grad
 
 
-def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True) -> nn.EmbeddingBag:
+def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True, device=None) -> nn.EmbeddingBag:
     """A value table of `n_keys**2` rows of size `v_dim`, initialised N(0, v_dim**-0.5).
 
     Build one and pass it as `values=` to several `ProductKeyMemory` layers to share it.
     `sparse=True` makes its gradient a row-sparse tensor (only the rows read in the step).
+    device="meta": a placeholder without storage, for a table that pkmlm.values_file maps from disk.
     """
     _check_positive(n_keys=n_keys, v_dim=v_dim)
     # _weight: skip EmbeddingBag's own N(0, 1) draw, overwritten anyway (pkmlm.value_table draws the same numbers).
-    table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse, _weight=torch.empty(n_keys**2, v_dim))
+    table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse,
+                            _weight=torch.empty(n_keys**2, v_dim, device=device))
     nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
     return table
 
@@ -177,10 +179,12 @@ class ProductKeyMemory(nn.Module):
     def _search(self, q: Tensor, with_subkeys: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         """(N, heads, k_dim) -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn).
 
-        On float32 CPU tensors the compiled kernel does it all (see pkmlm.kernels; sub-key ids only
-        when asked for); elsewhere these torch ops do the same.
+        On float32 CPU keys the compiled kernel does it all (see pkmlm.kernels; sub-key ids only
+        when asked for), also for bf16/fp16 autocast queries; elsewhere these torch ops do the same.
         """
         n, half = q.shape[0], self.k_dim // 2
+        if q.dtype in (torch.bfloat16, torch.float16) and kernels.usable(self.keys):
+            q = q.float()  # CPU autocast: the kernel searches the rounded queries exactly, in float32
         if kernels.usable(q, self.keys):
             return _CompiledLookup.apply(q, self.keys, self.knn, with_subkeys)
         # (N, heads, 2, n_keys): each query half against its own sub-keys, all heads in one einsum.

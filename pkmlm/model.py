@@ -138,7 +138,10 @@ class TransformerLM(nn.Module):
 
         placements = config.memory.placements()
         shared = None
-        if config.memory.share_values and placements:
+        if config.memory.values_file and placements:
+            # One table in one file, shared by the memories: a placeholder that pkmlm.values_file.attach maps.
+            shared = make_value_table(config.memory.n_keys, config.memory.v_dim or m.d_model, device="meta")
+        elif config.memory.share_values and placements:
             shared = self._make_table(config)
 
         def memory_if(layer: int, kinds: tuple[str, ...]) -> ProductKeyMemory | None:

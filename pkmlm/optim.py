@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from pkmlm import kernels
 from pkmlm.memory import ProductKeyMemory
 from pkmlm.sparse import summed_rows
+from pkmlm.values_file import file_of
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -51,6 +52,10 @@ class RowAdam(torch.optim.Optimizer):
                     continue
                 rows, g = summed_rows(p.grad)
                 state = self.state[p]
+                values_file = file_of(p)
+                if values_file is not None:  # state in the files; old rows journaled before they change
+                    state.update(moments=values_file.moments, step=values_file.step)
+                    values_file.before_update(rows)
                 if not state:
                     # Both moments in one (rows, 2, ...) tensor: one gather and one scatter per step.
                     state["moments"] = torch.zeros((p.shape[0], 2) + p.shape[1:], dtype=p.dtype, device=p.device)
@@ -88,6 +93,15 @@ class RowAdam(torch.optim.Optimizer):
         weights = p.index_select(0, rows)
         weights.sub_(m.div_(denom).mul_(step_size))
         p.index_copy_(0, rows, weights)
+
+    def state_dict(self) -> dict:
+        """As torch's, without the state of file-backed tables (pkmlm.values_file): it stays in its files."""
+        state = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            if file_of(p) is not None:
+                state["state"].pop(i, None)
+        return state
 
     @torch.no_grad()
     def reset_state(self, param: nn.Parameter, rows: Tensor) -> None:

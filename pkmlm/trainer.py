@@ -42,6 +42,7 @@ from pkmlm.sparse import coalesce_rows
 from pkmlm.reinit import DeadSlotReinit
 from pkmlm.sampling import ValidationSamples
 from pkmlm.textcodec import load_codec
+from pkmlm import values_file as vfile
 
 
 class TrainingError(Exception):
@@ -126,7 +127,11 @@ class Trainer:
         self.micro_rows = d.batch_size // (env.world_size * t.grad_accum)
 
         torch.manual_seed(t.seed)  # same initial weights on every rank
-        self.model = TransformerLM(config, config.resolve_vocab_size(self.train_data.vocab_size)).to(device)
+        self.model = TransformerLM(config, config.resolve_vocab_size(self.train_data.vocab_size))
+        self.values_file = None  # memory.values_file: the table and its Adam state in mapped files
+        if config.memory.values_file:
+            self.values_file = vfile.attach(self.model, config.memory.values_file, writable=True, seed=t.seed)
+        self.model = self.model.to(device)
         self.optim: Optimizers = make_optimizers(self.model, lr=t.lr, value_lr=t.value_lr, betas=tuple(t.betas),
                                                  weight_decay=t.weight_decay)
         # Clipping and norms per optimizer: dense parameters, memory value rows.
@@ -166,13 +171,20 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out_dir) if resume == "latest" else Path(resume)
         if path is None:
             self._set_aside(-1)  # a fresh start: a best.pt there belongs to no checkpoint of this run
+            if self.values_file is not None:
+                self.values_file.restore(0)  # undoes the steps of an attempt that crashed before its first checkpoint
             return None
         state = ckpt.load_checkpoint(path)
         steering = ckpt.check_resumable(state["config"], self.config.to_dict(), path)
         ckpt.check_vocab(state["vocab_hash"], self.train_data.vocab_hash, path)
         try:
-            # Checkpoints hold whole tables: each rank takes its columns, whatever world size wrote them.
-            self.model.load_state_dict(VT.local_state(self.model, state["model"]))
+            if self.values_file is not None:
+                self.values_file.check_record(state.get("values_file"), path)
+                self.values_file.restore(state["step"])
+                vfile.load_model_state(self.model, state["model"], self.values_file)
+            else:
+                # Checkpoints hold whole tables: each rank takes its columns, whatever world size wrote them.
+                self.model.load_state_dict(VT.local_state(self.model, state["model"]))
             values_state = state["optimizers"]["values"]
             for i, table in self.sharded.items():
                 if values_state is not None and i in values_state["state"] and table.world > 1:
@@ -218,8 +230,11 @@ class Trainer:
     def _save(self, *, step_file: bool = True, best: bool = False) -> None:
         """Checkpoint the run (all ranks call): ``step_XXXXXXX.pt`` when ``step_file``, best.pt when ``best``."""
         # Decided on all ranks together: a rank that raised alone would leave its peers waiting in a collective.
-        bad = next((name for name, p in self.model.state_dict().items()
-                    if p.is_floating_point() and not torch.isfinite(p).all()), None)
+        local = self.model.state_dict()
+        if self.values_file is not None:  # the table stays in its file, made durable before the checkpoint names it
+            local = vfile.strip_state(local, self.values_file)
+            self.values_file.sync()
+        bad = next((name for name, p in local.items() if p.is_floating_point() and not torch.isfinite(p).all()), None)
         flag = D.all_reduce_max(torch.tensor([float(bad is not None)], device=self.device))
         if flag.item() > 0:
             where = f"{bad} holds NaN or inf on rank {self.env.rank}" if bad else "a peer's weights hold NaN or inf"
@@ -229,7 +244,8 @@ class Trainer:
         # Replicated weights must be bit-identical on every rank: a checkpoint of drifted replicas would be rank 0's
         # model only, so the run stops instead (every rank raises the same error).
         D.check_replicas((n, p) for n, p in self.model.named_parameters() if id(p) not in self.sharded_ids)
-        model_state, optim_state = VT.gather_state(self.model), self._gather_optimizer_state()
+        model_state = local if self.values_file is not None else VT.gather_state(self.model)
+        optim_state = self._gather_optimizer_state()
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
         if not self.env.is_main:
@@ -239,12 +255,15 @@ class Trainer:
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
                  # The lr schedule is a pure function of the step, so it needs no state of its own.
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                 "reinit": reinit, "init_from": self.init_from, "best": self.best}
+                 "reinit": reinit, "init_from": self.init_from, "best": self.best,
+                 "values_file": self.values_file.record() if self.values_file is not None else None}
         if best:
             path = ckpt.save_best(state, self.out_dir)
             self.log.message(f"step {self.step}: best validation loss so far, saved {path}")
         if step_file:
             path = ckpt.save_checkpoint(state, self.out_dir, keep=self.config.train.keep_checkpoints)
+            if self.values_file is not None:
+                self.values_file.checkpoint(self.step)  # later changes are journaled against this checkpoint
             self.log.message(f"step {self.step}: saved {path}")
 
     def _gather_optimizer_state(self) -> dict | None:

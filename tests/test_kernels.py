@@ -8,7 +8,12 @@ tests skip when the kernels cannot be built; the env-var and build-failure tests
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,7 +313,7 @@ def test_env_var_switch(monkeypatch):
     assert kernels.usable(t) is False
     for bad in ("yes", "", "true", " 1"):
         monkeypatch.setenv(kernels.ENV_VAR, bad)
-        with pytest.raises(ValueError, match=kernels.ENV_VAR):
+        with pytest.raises(kernels.KernelsError, match=kernels.ENV_VAR):
             kernels.enabled()
         with pytest.raises(ValueError, match="PKMLM_CPU_KERNELS"):
             kernels.usable(t)
@@ -407,3 +412,141 @@ def test_failed_build_is_cached_and_memory_uses_torch(monkeypatch):
     monkeypatch.setattr(kernels, "_build", {})
     monkeypatch.setenv(kernels.ENV_VAR, "0")
     assert kernels.available() is False and kernels._build == {} and len(calls) == 1
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_bad_env_var_is_one_line_exit_2(script, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config", str(tmp_path / "none.yaml")] if script == "train.py" else [str(tmp_path)]
+    env = dict(os.environ, PKMLM_CPU_KERNELS="yes")
+    proc = subprocess.run([sys.executable, script, *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "PKMLM_CPU_KERNELS='yes'" in proc.stderr
+    assert "set it to 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _recording_build(monkeypatch, tmp_path):
+    """cpp_extension.load replaced by a recorder; builds go to tmp_path. Returns (calls, torch's lock file)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    name = "pkmlm_cpu_" + kernels._machine_digest()
+    torch_lock = tmp_path / name / "lock"
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(torch_lock.exists()))
+    return calls, torch_lock
+
+
+def test_stale_torch_lock_of_a_killed_build_is_taken_over(monkeypatch, tmp_path):
+    calls, torch_lock = _recording_build(monkeypatch, tmp_path)
+    torch_lock.parent.mkdir(parents=True)
+    torch_lock.write_text("")  # what a build killed mid-way leaves: torch would wait on it forever
+    assert kernels._load() is True
+    assert calls == [False]  # removed before torch's build looked for it
+
+
+def test_build_lock_held_by_a_live_process_times_out_naming_it(monkeypatch, tmp_path):
+    import fcntl
+
+    calls, torch_lock = _recording_build(monkeypatch, tmp_path)
+    torch_lock.parent.mkdir(parents=True)
+    ours = torch_lock.parent.with_name(torch_lock.parent.name + ".pkmlm-lock")
+    monkeypatch.setattr(kernels, "BUILD_LOCK_TIMEOUT", 0.3)
+    with open(ours, "w") as holder:  # another open file: flock conflicts as with another process
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="kernel build lock") as record:
+            assert kernels._load() is False
+        assert time.monotonic() - start < 5
+    assert str(ours) in str(record[0].message) and calls == []
+    assert kernels._load() is True and calls == [False]  # released: the next build goes ahead
+
+
+# ---- the ops check what they are given (one pass; the hot loops stay unchecked) -----------------------
+
+@pytest.mark.parametrize("bad", [10**9, -1, 64])
+def test_ops_reject_out_of_range_ids(kernel_calls, bad):
+    q, keys = torch.randn(3, 2, 2, 4), torch.randn(2, 2, 8, 4)
+    slots = torch.zeros(3, 2, 5, dtype=torch.long)
+    slots[1, 1, 2] = bad
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 64\)"):
+        torch.ops.pkmlm.pkm_lookup_backward(torch.randn(3, 2, 5), slots, q, keys)
+    table, ids = torch.randn(64, 6), torch.zeros(3, 10, dtype=torch.long)
+    ids[2, 9] = bad
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 64\)"):
+        torch.ops.pkmlm.bag_weights_backward(torch.randn(3, 6), table, ids)
+    before = table.clone()
+    rows = torch.tensor([0, 5, bad])
+    with pytest.raises(RuntimeError, match=r"rows must lie in \[0, 64\)"):
+        torch.ops.pkmlm.row_adam_(table, torch.zeros(64, 2, 6), torch.zeros(64, dtype=torch.long), rows,
+                                  torch.randn(3, 6), 0.1, 0.9, 0.999, 1e-8)
+    assert torch.equal(table, before)  # checked before any row was written
+
+
+def test_lookup_backward_rejects_shapes_that_do_not_match_the_query(kernel_calls):
+    q, keys = torch.randn(3, 2, 2, 4), torch.randn(2, 2, 8, 4)
+    for shape in [(4, 2, 5), (3, 1, 5)]:  # more tokens or fewer heads than q
+        with pytest.raises(RuntimeError, match="grad_scores and slots must be"):
+            torch.ops.pkmlm.pkm_lookup_backward(torch.randn(shape), torch.zeros(shape, dtype=torch.long), q, keys)
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.pkmlm.pkm_lookup_backward(torch.randn(3, 2, 5), torch.zeros(3, 2, 5, dtype=torch.long), q,
+                                            torch.randn(2, 2, 8, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_takes_the_kernels(monkeypatch, kernel_calls, dtype):
+    """Under CPU autocast the search, its backward and the weights' gradient still run in the kernels,
+    and find the same slots as float32 queries rounded like autocast rounds them."""
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(16, 16, n_keys=12, heads=2, knn=4, k_dim=8)
+    x = torch.randn(3, 5, 16)
+    with torch.autocast("cpu", dtype=dtype):
+        q = mem.query(x)
+        out = mem(x)
+    out.float().sum().backward()
+    assert q.dtype == dtype and mem.keys.grad is not None and mem.keys.grad.dtype == torch.float32
+    assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["pkm_lookup_backward"] == 1
+    assert kernel_calls["bag_weights_backward"] == 1
+    scores, slots = mem.lookup(q.float())
+    ref_scores, ref_slots = run(monkeypatch, False, lambda: mem.lookup(q.float()))
+    assert_same_topk(mem, q.float(), scores, slots, ref_scores, ref_slots)
+
+
+# (N, heads, n_keys, half, knn): every register count of both vector widths (knn 1 to 128), the
+# fallback above them (knn 300), short rows sorted whole and long rows pre-filtered by group maxima.
+SELECTION_CASES = [(70, 2, 8, 3, 8), (65, 2, 10, 3, 1), (130, 3, 37, 8, 5), (200, 4, 64, 4, 32), (40, 2, 128, 8, 33),
+                   (50, 2, 1024, 8, 32), (40, 2, 1000, 8, 64), (20, 2, 500, 8, 100), (9, 1, 700, 4, 128),
+                   (33, 1, 300, 2, 300), (45, 4, 2000, 4, 7), (30, 2, 333, 4, 16)]
+
+
+@pytest.mark.parametrize("n,heads,n_keys,half,knn", SELECTION_CASES)
+def test_every_selection_path_gives_the_scalar_result(kernel_calls, n, heads, n_keys, half, knn):
+    """Each vectorised top-k the CPU can run returns exactly the scalar path's slots, sub-keys and
+    scores, also with tied scores (a zero query), NaN scores and duplicated sub-keys."""
+    paths = torch.ops.pkmlm.simd_paths()
+    assert paths[0] == "scalar" and kernels.simd_path() == paths[-1]  # the best one by default
+    torch.manual_seed(n_keys + knn)
+    q, keys = torch.randn(n, heads, 2, half), torch.randn(heads, 2, n_keys, half)
+    q[0] = 0
+    q[1, 0, 0, 0] = float("nan")
+    keys[0, 1, n_keys // 2:] = keys[0, 1, :n_keys - n_keys // 2].clone()  # each second-half score twice
+    results = {}
+    try:
+        for path in paths:
+            torch.ops.pkmlm.select_simd(path)
+            results[path] = torch.ops.pkmlm.pkm_lookup(q, keys, knn, True)
+    finally:
+        torch.ops.pkmlm.select_simd("auto")
+    scores, slots, subkeys = results["scalar"]
+    assert scores[1, 0].isnan().all() and (scores[2:, 0, :-1] >= scores[2:, 0, 1:]).all()
+    for path in paths[1:]:
+        assert torch.equal(results[path][1], slots) and torch.equal(results[path][2], subkeys), path
+        torch.testing.assert_close(results[path][0], scores, rtol=0, atol=0, equal_nan=True)
+
+
+def test_select_simd_rejects_unknown_paths(kernel_calls):
+    with pytest.raises(RuntimeError, match="unknown selection path 'sse9'"):
+        torch.ops.pkmlm.select_simd("sse9")
+    assert torch.ops.pkmlm.select_simd("auto") == torch.ops.pkmlm.simd_paths()[-1]

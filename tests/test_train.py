@@ -143,12 +143,40 @@ def test_tensorboard_scalars(data_dir, tmp_path):
     assert [e.step for e in events.Scalars("valid/ppl")] == [3, 4]
 
 
-def test_bf16_autocast_trains_on_cpu(data_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_trains_on_cpu_close_to_fp32(precision, data_dir, tmp_path):
     fp32 = train(Config.from_dict(tiny(data_dir, tmp_path / "fp32", train={"max_steps": 2})))
-    bf16 = train(Config.from_dict(tiny(data_dir, tmp_path / "bf16", train={"max_steps": 2, "precision": "bf16"})))
+    low = train(Config.from_dict(tiny(data_dir, tmp_path / precision, train={"max_steps": 2, "precision": precision})))
     for step, loss in fp32.losses.items():
-        assert bf16.losses[step] == pytest.approx(loss, abs=0.05)
-    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # autocast, not a bf16 model
+        assert low.losses[step] == pytest.approx(loss, abs=0.05)
+    assert all(p.dtype == torch.float32 for p in low.model.parameters())  # autocast, not a low-precision model
+
+
+@pytest.fixture(scope="module")
+def learnable_dir(tmp_path_factory):
+    """A corpus with something to learn: each document counts up by a fixed stride (mod the vocabulary)."""
+    root = tmp_path_factory.mktemp("learnable")
+    rng = np.random.default_rng(1)
+    for split, docs in (("train", 160), ("valid", 20)):
+        write_split(root / split, [((rng.integers(1, VOCAB) + 3 * np.arange(50)) % (VOCAB - 1) + 1).tolist()
+                                   for _ in range(docs)], vocab_size=VOCAB, vocab_hash="test-vocab", eos_id=0)
+    return root
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_each_precision_lowers_the_loss_and_resumes_exactly(precision, learnable_dir, tmp_path):
+    settings = {"precision": precision, "max_steps": 8, "eval_every": 4, "lr": 1e-2}
+    whole = train(Config.from_dict(tiny(learnable_dir, tmp_path / "whole", train=settings)))
+    first = train(Config.from_dict(tiny(learnable_dir, tmp_path / "cut", train={**settings, "max_steps": 4})))
+    rest = train(Config.from_dict(tiny(learnable_dir, tmp_path / "cut", train=settings)), resume="latest")
+    losses = [whole.losses[s] for s in sorted(whole.losses)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert {**first.losses, **rest.losses} == whole.losses  # bitwise
+    for (name, a), b in zip(whole.model.state_dict().items(), rest.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    if precision == "fp16":  # the GradScaler's state travels in the checkpoint
+        saved = load_checkpoint(list_checkpoints(tmp_path / "cut")[-1])
+        assert saved["scaler"] is not None and saved["scaler"]["scale"] > 0
 
 
 def _nan_on_calls(monkeypatch, calls):
@@ -261,7 +289,7 @@ def _write_config(path, config):
 
 @pytest.mark.parametrize("args, message", [
     (["train.nope=1"], "unknown key 'train.nope'"),
-    (["train.precision=fp16"], "fp16 needs CUDA"),
+    (["train.precision=fp8"], "train.precision"),
     (["data.batch_size=7", "train.grad_accum=2"], "train.grad_accum"),
     (["data.dir=/nonexistent"], "/nonexistent"),
     (["--resume", "/nonexistent/step_0000001.pt"], "no checkpoint at /nonexistent"),

@@ -17,12 +17,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PKMLM_X86_SIMD 1
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -88,33 +95,210 @@ void top_keys(uint64_t* keys, int64_t count, int64_t k, int64_t width) {
 // Top-k of s[0..n) as packed keys (value, index) in keys[0..k), decreasing.
 // The scores are split into G = min(n, 4k) strided groups (group j holds s[j], s[j + G], ...). The
 // top-k scores lie in the k groups with the largest maxima (a score outside them is beaten by k
-// group maxima), and none is below the k-th largest group maximum. So only those k groups are
-// scanned, against that bound: about 1.3k scores instead of n. group_keys has room for G entries,
-// keys for max(G, 2 * width) (see top_keys).
-void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, float* group_max, uint64_t* group_keys,
+// group maxima), and none is below the k-th largest group maximum. So only the groups whose maximum
+// reaches that bound are scanned, against it: about 1.3k scores instead of n (more only with ties,
+// which are all kept, so the smallest index wins a tie as in a full sort). Maxima are taken in the
+// keys' order (orderable bits), so NaN ranks as in torch.topk. group_keys has room for G entries,
+// keys for max(n, 2 * width) (see top_keys).
+void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, uint32_t* group_max, uint64_t* group_keys,
                  uint64_t* keys) {
   const int64_t G = std::min(n, 4 * k);
-  std::copy(s, s + G, group_max);
+  for (int64_t j = 0; j < G; ++j) group_max[j] = orderable(s[j]);
   for (int64_t i = G; i < n; i += G) {
     const int64_t m = std::min(G, n - i);
-    for (int64_t j = 0; j < m; ++j) group_max[j] = s[i + j] > group_max[j] ? s[i + j] : group_max[j];
+    for (int64_t j = 0; j < m; ++j) group_max[j] = std::max(group_max[j], orderable(s[i + j]));
   }
-  for (int64_t j = 0; j < G; ++j) group_keys[j] = pack(group_max[j], static_cast<uint32_t>(j));
+  for (int64_t j = 0; j < G; ++j) group_keys[j] = (static_cast<uint64_t>(group_max[j]) << 32) | (0xFFFFFFFFu - j);
   std::nth_element(group_keys, group_keys + k - 1, group_keys + G, std::greater<uint64_t>());
-  const uint64_t bound = group_keys[k - 1] >> 32;  // its value part: ties with it stay in
+  const uint32_t bound = static_cast<uint32_t>(group_keys[k - 1] >> 32);  // its value part: ties with it stay in
   int64_t count = 0;
-  for (int64_t g = 0; g < k; ++g)
-    for (int64_t j = unpack_id(group_keys[g]); j < n; j += G) {  // branch-free compaction
+  for (int64_t g = 0; g < G; ++g) {
+    if (group_max[g] < bound) continue;
+    for (int64_t j = g; j < n; j += G) {  // branch-free compaction
       const uint64_t key = pack(s[j], static_cast<uint32_t>(j));
       keys[count] = key;
       count += (key >> 32) >= bound;
     }
+  }
   top_keys(keys, count, k, width);
+}
+
+// ---- vectorised selection: one copy of pkm_topk_simd.h per instruction set, chosen at run time ----
+// Each copy is compiled for (at least) its own set, whatever -march says, and used only where
+// __builtin_cpu_supports finds it; a test forces every path the CPU has (select_simd) and compares
+// it with the scalar one.
+
+#ifdef PKMLM_X86_SIMD
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+namespace simd_avx2 {
+using V = __m256i;
+constexpr int kLanes = 4;
+inline V vload(const uint64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void vstore(uint64_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline V greater(V a, V b) {  // unsigned a > b: AVX2 compares signed 64-bit integers only
+  const V sign = _mm256_set1_epi64x(static_cast<long long>(0x8000000000000000ull));
+  return _mm256_cmpgt_epi64(_mm256_xor_si256(a, sign), _mm256_xor_si256(b, sign));
+}
+inline V vmax(V a, V b) { return _mm256_blendv_epi8(b, a, greater(a, b)); }
+inline V vmin(V a, V b) { return _mm256_blendv_epi8(a, b, greater(a, b)); }
+inline V vswap(V x, int stride) { return stride == 2 ? _mm256_permute4x64_epi64(x, 0x4E) : _mm256_shuffle_epi32(x, 0x4E); }
+inline V vselect(int bits, V a, V b) {
+  const V mask = _mm256_set_epi64x(-static_cast<long long>((bits >> 3) & 1), -static_cast<long long>((bits >> 2) & 1),
+                                   -static_cast<long long>((bits >> 1) & 1), -static_cast<long long>(bits & 1));
+  return _mm256_blendv_epi8(b, a, mask);
+}
+inline V vreverse(V x) { return _mm256_permute4x64_epi64(x, 0x1B); }
+// Packs (value, index) of every s[j] whose orderable bits are >= bound into out; returns the count.
+inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t* out) {
+  const __m256i b = _mm256_set1_epi32(static_cast<int>(bound)), sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  int64_t count = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j));
+    const __m256i o = _mm256_xor_si256(x, _mm256_or_si256(_mm256_srai_epi32(x, 31), sign));
+    unsigned m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(o, b), o)));
+    while (m) {
+      const int64_t i = j + __builtin_ctz(m);
+      m &= m - 1;
+      out[count++] = (static_cast<uint64_t>(orderable(s[i])) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+    }
+  }
+  for (; j < n; ++j) {
+    const uint32_t o = orderable(s[j]);
+    out[count] = (static_cast<uint64_t>(o) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+    count += o >= bound;
+  }
+  return count;
+}
+#include "pkm_topk_simd.h"
+}  // namespace simd_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,avx512f"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,avx512f")
+#endif
+namespace simd_avx512 {
+using V = __m512i;
+constexpr int kLanes = 8;
+inline V vload(const uint64_t* p) { return _mm512_loadu_si512(p); }
+inline void vstore(uint64_t* p, V v) { _mm512_storeu_si512(p, v); }
+inline V vmax(V a, V b) { return _mm512_max_epu64(a, b); }
+inline V vmin(V a, V b) { return _mm512_min_epu64(a, b); }
+inline V vswap(V x, int stride) {
+  return stride == 4 ? _mm512_shuffle_i64x2(x, x, 0x4E)
+       : stride == 2 ? _mm512_permutex_epi64(x, 0x4E)
+                     : _mm512_shuffle_epi32(x, static_cast<_MM_PERM_ENUM>(0x4E));
+}
+inline V vselect(int bits, V a, V b) { return _mm512_mask_blend_epi64(static_cast<__mmask8>(bits), b, a); }
+inline V vreverse(V x) { return _mm512_permutexvar_epi64(_mm512_set_epi64(0, 1, 2, 3, 4, 5, 6, 7), x); }
+inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t* out) {
+  const __m512i b = _mm512_set1_epi32(static_cast<int>(bound)), sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  int64_t count = 0, j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i x = _mm512_loadu_si512(s + j);
+    const __m512i o = _mm512_xor_si512(x, _mm512_or_si512(_mm512_srai_epi32(x, 31), sign));
+    unsigned m = _mm512_cmpge_epu32_mask(o, b);
+    while (m) {
+      const int64_t i = j + __builtin_ctz(m);
+      m &= m - 1;
+      out[count++] = (static_cast<uint64_t>(orderable(s[i])) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+    }
+  }
+  for (; j < n; ++j) {
+    const uint32_t o = orderable(s[j]);
+    out[count] = (static_cast<uint64_t>(o) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+    count += o >= bound;
+  }
+  return count;
+}
+#include "pkm_topk_simd.h"
+}  // namespace simd_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // PKMLM_X86_SIMD
+
+// Selection paths: 0 scalar, 1 AVX2, 2 AVX-512 (x86 only). The best one the CPU has by default.
+const char* const kSimdNames[] = {"scalar", "avx2", "avx512"};
+
+bool simd_supported(int path) {
+#ifdef PKMLM_X86_SIMD
+  if (path == 1) return __builtin_cpu_supports("avx2");
+  if (path == 2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f");
+#endif
+  return path == 0;
+}
+
+int best_simd() { return simd_supported(2) ? 2 : simd_supported(1) ? 1 : 0; }
+
+std::atomic<int> g_simd{best_simd()};
+
+// Top-k of a row of n scores into keys[0..k) (packed, decreasing) by the selected path.
+inline void select_topk(int path, const float* s, int64_t n, int64_t k, int64_t width, uint32_t* group_max,
+                        uint64_t* group_keys, uint64_t* keys) {
+#ifdef PKMLM_X86_SIMD
+  uint32_t* gm = reinterpret_cast<uint32_t*>(group_keys);  // room: 4 * k >= the 4 * 16 * kLanes used
+  if (path == 2 && simd_avx512::registers_for(k)) return simd_avx512::topk_row(s, n, k, gm, keys);
+  if (path == 1 && simd_avx2::registers_for(k)) return simd_avx2::topk_row(s, n, k, gm, keys);
+#endif
+  topk_sorted(s, n, k, width, group_max, group_keys, keys);
+}
+
+// The k largest of keys[0..count) into keys[0..k), decreasing, by the selected path.
+inline void select_top_keys(int path, uint64_t* keys, int64_t count, int64_t k, int64_t width) {
+#ifdef PKMLM_X86_SIMD
+  if (path == 2 && simd_avx512::registers_for(k)) return simd_avx512::top_keys(keys, count, k);
+  if (path == 1 && simd_avx2::registers_for(k)) return simd_avx2::top_keys(keys, count, k);
+#endif
+  top_keys(keys, count, k, width);
+}
+
+std::vector<std::string> simd_paths() {
+  std::vector<std::string> out;
+  for (int p = 0; p < 3; ++p)
+    if (simd_supported(p)) out.push_back(kSimdNames[p]);
+  return out;
+}
+
+// Selects the path for later calls ("auto": the best this CPU has; "": keep it); returns the previous one.
+std::string select_simd(const std::string& name) {
+  if (name.empty()) return kSimdNames[g_simd.load()];
+  int path = name == "auto" ? best_simd() : -1;
+  for (int p = 0; p < 3 && path < 0; ++p)
+    if (name == kSimdNames[p]) path = p;
+  TORCH_CHECK(path >= 0, "unknown selection path '", name, "': use auto, scalar, avx2 or avx512");
+  TORCH_CHECK(simd_supported(path), "this CPU cannot run the '", name, "' selection path");
+  return kSimdNames[g_simd.exchange(path)];
 }
 
 void check_float_contiguous(const Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
               name, " must be a contiguous float32 CPU tensor with ", dim, " dimensions");
+}
+
+// One pass over the ids before the unchecked hot loops: an id out of [0, size) would read or write
+// outside a buffer.
+void check_ids(const Tensor& ids, int64_t size, const char* name) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous(), name,
+              " must be a contiguous int64 CPU tensor");
+  const int64_t* p = ids.data_ptr<int64_t>();
+  const int64_t n = ids.numel();
+  uint64_t bad = 0;  // as unsigned, a negative id is above every size
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(p[i]) >= static_cast<uint64_t>(size);
+  if (bad) {
+    int64_t lo = p[0], hi = p[0];
+    for (int64_t i = 1; i < n; ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
+    TORCH_CHECK(false, name, " must lie in [0, ", size, "), got values in [", lo, ", ", hi, "]");
+  }
 }
 
 // Exact top-knn slots of queries q (N, H, 2, half) against sub-keys (H, 2, K, half).
@@ -136,6 +320,7 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
   for (int32_t a = 0; a < knn; ++a)
     for (int32_t b = 0; (a + 1) * (b + 1) <= knn; ++b) pair_a.push_back(a), pair_b.push_back(b);
   const int64_t P = static_cast<int64_t>(pair_a.size());
+  const int simd = g_simd.load();
 
   float* out_scores = scores.data_ptr<float>();
   int64_t* out_slots = slots.data_ptr<int64_t>();
@@ -146,12 +331,13 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
   const int64_t n_blocks = (N + block - 1) / block;
   at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
     Tensor buf = at::empty({H, 2, block, K}, q.options());
-    std::vector<float> group_max(4 * knn), v(2 * knn);
-    std::vector<uint64_t> group_keys(4 * knn);
+    std::vector<uint32_t> group_max(4 * knn);
+    std::vector<float> v(2 * knn);
+    std::vector<uint64_t> group_keys(std::max<int64_t>(4 * knn, 512));  // SIMD paths: 4 x 128 uint32
     std::vector<int32_t> id(2 * knn);
     int64_t width = 1;
     while (width < knn) width *= 2;
-    std::vector<uint64_t> keys_buf(std::max({K, P, 2 * width}));
+    std::vector<uint64_t> keys_buf(std::max({K, P, 2 * width, int64_t{512}}) + 128);  // + SIMD padding
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t n0 = blk * block, nb = std::min(block, N - n0);
       for (int64_t h = 0; h < H; ++h)
@@ -165,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
         for (int64_t h = 0; h < H; ++h) {
           for (int64_t p = 0; p < 2; ++p) {
             const float* row = bp + ((h * 2 + p) * block + i) * K;
-            topk_sorted(row, K, knn, width, group_max.data(), group_keys.data(), keys_buf.data());
+            select_topk(simd, row, K, knn, width, group_max.data(), group_keys.data(), keys_buf.data());
             for (int64_t r = 0; r < knn; ++r) {
               id[p * knn + r] = static_cast<int32_t>(unpack_id(keys_buf[r]));
               v[p * knn + r] = row[id[p * knn + r]];
@@ -185,7 +371,7 @@ std::tuple<Tensor, Tensor, Tensor> pkm_lookup(const Tensor& q, const Tensor& key
             for (int64_t c = 0; c < P; ++c) keys_buf[c] = pack(v[pair_a[c]] + v[knn + pair_b[c]], static_cast<uint32_t>(c));
             count = P;
           }
-          top_keys(keys_buf.data(), count, knn, width);
+          select_top_keys(simd, keys_buf.data(), count, knn, width);
           const int64_t o = (n * H + h) * knn;
           for (int64_t r = 0; r < knn; ++r) {
             const uint32_t c = unpack_id(keys_buf[r]);
@@ -211,6 +397,12 @@ std::tuple<Tensor, Tensor> pkm_lookup_backward(const Tensor& grad_scores, const 
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.sizes() == grad_scores.sizes(),
               "slots must be a contiguous int64 tensor shaped like grad_scores");
   const int64_t N = q.size(0), H = q.size(1), half = q.size(3), K = keys.size(2), knn = slots.size(2);
+  TORCH_CHECK(q.size(2) == 2 && keys.size(0) == H && keys.size(1) == 2 && keys.size(3) == half,
+              "q (N, H, 2, half) and keys (H, 2, K, half) do not match");
+  TORCH_CHECK(grad_scores.size(0) == N && grad_scores.size(1) == H,
+              "grad_scores and slots must be (N, H, knn) for q (N, H, 2, half), got ", grad_scores.sizes(),
+              " for q ", q.sizes());
+  check_ids(slots, K * K, "slots");
   Tensor grad_q = at::zeros_like(q);
   Tensor grad_keys = at::zeros_like(keys);
   const float* g = grad_scores.data_ptr<float>();
@@ -263,6 +455,7 @@ Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const T
               "slots must be a contiguous int64 (N, reads) tensor");
   const int64_t N = slots.size(0), R = slots.size(1), D = table.size(1);
   TORCH_CHECK(grad_out.size(1) == D, "grad_out and table rows differ in size");
+  check_ids(slots, table.size(0), "slots");
   Tensor result = at::empty({N, R}, grad_out.options());
   const float* go = grad_out.data_ptr<float>();
   const float* tp = table.data_ptr<float>();
@@ -302,6 +495,7 @@ void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, c
   TORCH_CHECK(grads.size(0) == R && grads.size(1) == D && moments.size(0) == weight.size(0) &&
                   moments.size(1) == 2 && moments.size(2) == D && step.numel() == weight.size(0),
               "weight, moments, step, rows and grads do not match");
+  check_ids(rows, weight.size(0), "rows");
   float* w = weight.data_ptr<float>();
   float* m = moments.data_ptr<float>();
   int64_t* st = step.data_ptr<int64_t>();
@@ -342,6 +536,8 @@ TORCH_LIBRARY(pkmlm, m) {
   m.def("pkm_lookup(Tensor q, Tensor keys, int knn, bool with_subkeys) -> (Tensor, Tensor, Tensor)");
   m.def("pkm_lookup_backward(Tensor grad_scores, Tensor slots, Tensor q, Tensor keys) -> (Tensor, Tensor)");
   m.def("bag_weights_backward(Tensor grad_out, Tensor table, Tensor slots) -> Tensor");
+  m.def("simd_paths() -> str[]", &simd_paths);  // no tensor arguments: one kernel for every device
+  m.def("select_simd(str name) -> str", &select_simd);
   m.def("row_adam_(Tensor(a!) weight, Tensor(b!) moments, Tensor(c!) step, Tensor rows, Tensor grads, float lr, "
         "float beta1, float beta2, float eps) -> ()");
 }

@@ -1,0 +1,81 @@
+"""Memories larger than RAM: a memory layer's training step with its value table in RAM or in
+memory-mapped files (`memory.values_file`, pkmlm/values_file.py).
+
+    python bench/values_file.py --n-keys 1024                          # table and Adam state in RAM
+    python bench/values_file.py --n-keys 2048 --values-file /disk/v    # in files there (deleted after)
+
+Layer 1024 -> 1024 with n_keys**2 slots of 1024-dim values (n_keys 1024: 1.07B value parameters; 2048:
+4.3B), heads 4, knn 32, k_dim 512, query BatchNorm; batch 4 x 256 tokens; RowAdam on the values
+(through the journal, as train.py does between checkpoints), AdamW on the rest. Prints the set-up
+time (building and initialising the table, or creating the files), the first step, the median of the
+later steps, the peak resident memory (VmHWM) and the resident anonymous / file-backed memory at the
+end. File-backed pages are the kernel's to evict (written back if dirty); anonymous ones are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pkmlm import values_file as vfile
+from pkmlm.kernels import retain_freed_memory, simd_path
+from pkmlm.memory import ProductKeyMemory, make_value_table
+from pkmlm.optim import make_optimizers
+
+DIM, HEADS, KNN, K_DIM, BATCH, SEQ = 1024, 4, 32, 512, 4, 256
+
+
+def status_gb(*keys: str) -> list[float]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return [int(fields[k].split()[0]) / 2**20 for k in keys]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-keys", type=int, default=1024)
+    parser.add_argument("--values-file", type=Path, help="keep the table in files at this path (default: RAM)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--keep", action="store_true", help="keep the values files afterwards")
+    args = parser.parse_args()
+    retain_freed_memory()
+    torch.manual_seed(0)
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    if args.values_file is None:
+        layer = ProductKeyMemory(DIM, DIM, n_keys=args.n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM)
+    else:
+        table = make_value_table(args.n_keys, DIM, device="meta")
+        layer = ProductKeyMemory(DIM, DIM, n_keys=args.n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM, values=table)
+        vf = vfile.attach(layer, args.values_file, writable=True, seed=0)
+        vf.restore(0)
+    setup = time.perf_counter() - start
+    opts = make_optimizers(layer, lr=1e-4, value_lr=1e-3)
+    values = sum(p.numel() for p in layer.value_parameters())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, top-k {simd_path()}, 1-min load {load:.2f}; "
+          f"{args.n_keys**2:,} slots x {DIM} = {values / 1e9:.2f}B value parameters, "
+          f"{'files at ' + str(args.values_file) if args.values_file else 'in RAM'}; set-up {setup:.1f} s", flush=True)
+    times = []
+    for step in range(args.steps):
+        x = torch.randn(BATCH, SEQ, DIM)
+        t0 = time.perf_counter()
+        opts.zero_grad()
+        layer(x).pow(2).mean().backward()
+        opts.step()
+        times.append(time.perf_counter() - t0)
+        print(f"step {step + 1}: {times[-1]:.2f} s, peak RSS {status_gb('VmHWM')[0]:.1f} GB", flush=True)
+    hwm, anon, file_backed = status_gb("VmHWM", "RssAnon", "RssFile")
+    print(f"first step {times[0]:.2f} s, later steps median {statistics.median(times[1:]):.2f} s, peak RSS "
+          f"{hwm:.1f} GB (now: anonymous {anon:.1f} GB, file-backed {file_backed:.1f} GB), 1-min load "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    if args.values_file is not None and not args.keep:
+        for p in args.values_file.parent.glob(args.values_file.name + "*"):
+            p.unlink()
+
+
+if __name__ == "__main__":
+    main()
