@@ -106,7 +106,8 @@ class TransformerLM(nn.Module):
         placements = config.memory.placements()
         shared = None
         if config.memory.share_values and placements:
-            shared = make_value_table(config.memory.n_keys, config.memory.v_dim or m.d_model)
+            shared = make_value_table(config.memory.n_keys, config.memory.v_dim or m.d_model,
+                                      init=config.memory.value_init)
 
         def memory_if(layer: int, kinds: tuple[str, ...]) -> ProductKeyMemory | None:
             if any(p == (layer, kind) for p in placements for kind in kinds):
@@ -126,7 +127,11 @@ class TransformerLM(nn.Module):
         return ProductKeyMemory(d, d, n_keys=mem.n_keys, heads=mem.heads, knn=mem.knn, k_dim=mem.k_dim,
                                 v_dim=mem.v_dim, query_batchnorm=mem.query_batchnorm,
                                 input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
-                                value_dropout=mem.value_dropout, sparse=True, values=values)
+                                value_dropout=mem.value_dropout, sparse=True, values=values, gated=mem.gated,
+                                qk_norm=mem.qk_norm, learn_keys=mem.learn_keys, key_init=mem.key_init,
+                                score_temperature=mem.score_temperature, score_softmax=mem.score_softmax,
+                                query_layers=mem.query_layers, query_layernorm=mem.query_layernorm,
+                                value_init=mem.value_init, flat=mem.flat)
 
     def _init_weights(self) -> None:
         # GPT-2 convention: N(0, 0.02) everywhere, and the projections that write into the residual
