@@ -136,10 +136,11 @@ def main(argv=None) -> int:
     commands, results = {}, {}
     for m in models:
         run_dir = args.out / m.name
-        train_cmd = [sys.executable, "train.py", "--config", m.config, *m.overrides,
+        # The row's own overrides come last: extra overrides for every model never undo what defines a row.
+        train_cmd = [sys.executable, "train.py", "--config", m.config,
                      f"data.dir={args.data_dir}", f"train.out_dir={run_dir}", f"train.max_steps={args.steps}",
                      f"train.eval_every={args.eval_every}", f"train.checkpoint_every={args.steps}", *args.overrides,
-                     "--resume"]
+                     *m.overrides, "--resume"]
         eval_json = run_dir / "evaluation.json"
         eval_cmd = [sys.executable, "evaluate.py", str(run_dir), "--split", "valid,test", "--json", str(eval_json)]
         commands[m.name] = (train_cmd, eval_cmd)
