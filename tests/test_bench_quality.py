@@ -41,8 +41,8 @@ def test_quality_bench_trains_evaluates_and_reports(tmp_path):
     assert diag.returncode == 0, diag.stderr[-2000:]
     row = (tmp_path / "usage.md").read_text().splitlines()[2].split("|")
     assert row[1].strip() == "tiny_pkm_no_bn" and row[3].strip() == "blocks.2.memory"
-    usage, live, reachable = (float(row[i].strip().rstrip("%")) for i in (5, 7, 8))
-    assert 0 < usage <= reachable <= 100 and 0 < live <= 100
+    usage, random, independent, live, reachable = (float(row[i].strip().rstrip("%")) for i in range(5, 10))
+    assert 0 < usage <= reachable <= 100 and 0 < live <= 100 and 0 < independent <= random <= 100
     # A second call trains nothing: the finished runs are only re-evaluated and reported.
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train.py" not in again.stdout
