@@ -16,7 +16,7 @@ same token budget, batch and optimiser settings, evaluates them, and writes a ma
     python bench/quality.py --report-only                     # rebuild the report from finished runs
 
 Beyond these five, rows for Memory+ (Berges et al. 2024) and for the papers' ablations, all variations of c:
-groups `memplus`, `sweep` (heads 1/2/4/8, knn 16/32/64, 64^2/128^2/256^2 slots, memory in block 0/2/3) and
+groups `memory_plus`, `sweep` (heads 1/2/4/8, knn 16/32/64, 64^2/128^2/256^2 slots, memory in block 0/2/3) and
 `ablations` (frozen keys, key inits, temperature, no softmax, query MLP, LayerNorm queries, zero values, flat
 memory, re-initialisation). `--models` takes keys and group names (`--models sweep,a`); with sweep rows the
 report gets a second plot (`--sweep-plot`) of validation perplexity along each swept axis.
@@ -68,11 +68,13 @@ MODELS = (
     Model("d", "tiny_pkm_parallel", "configs/tiny_pkm_parallel.yaml", (), "L=4, memory parallel to the FFN of block 2"),
     Model("e", "tiny_pkm_no_bn", PKM, ("memory.query_batchnorm=false",), "like c, without query BatchNorm"),
     # Memory+ (Berges et al. 2024): the gated output; with qk-norm; two memories sharing one value table.
-    _variant("memplus", ("memory.gated=true",), "Memory+: c with the SiLU-gated output", "memplus"),
-    _variant("memplus_qknorm", ("memory.gated=true", "memory.qk_norm=true"), "Memory+ with query/key norm", "memplus"),
-    _variant("qknorm", ("memory.qk_norm=true",), "c with query/key norm (no gate)", "memplus"),
-    _variant("memplus_shared", ("memory.gated=true", "memory.share_values=true", "memory.positions=[1:replace,2:replace]"),
-             "Memory+, memories replace FFNs 1 and 2, one shared value table", "memplus"),
+    _variant("memplus", ("memory.gated=true",), "Memory+: c with the SiLU-gated output", "memory_plus"),
+    _variant("memplus_qknorm", ("memory.gated=true", "memory.qk_norm=true"), "Memory+ with query/key norm",
+             "memory_plus"),
+    _variant("qknorm", ("memory.qk_norm=true",), "c with query/key norm (no gate)", "memory_plus"),
+    _variant("memplus_shared",
+             ("memory.gated=true", "memory.share_values=true", "memory.positions=[1:replace,2:replace]"),
+             "Memory+, memories replace FFNs 1 and 2, one shared value table", "memory_plus"),
     # Sweeps around c (heads 4, knn 32, 128^2 slots, block 2 of 4).
     *(_variant(f"heads{h}", (f"memory.heads={h}",), f"c with {h} memory heads", "sweep", ("heads", h, str(h)))
       for h in (1, 2, 8)),
@@ -98,7 +100,9 @@ MODELS = (
              "ablations"),
     _variant("reinit", ("memory.reinit_every=50",), "c with dead-slot re-initialisation every 50 steps", "ablations"),
 )
-GROUPS = {group: [m.key for m in MODELS if m.group == group] for group in ("paper", "memplus", "sweep", "ablations")}
+GROUPS = {group: [m.key for m in MODELS if m.group == group]
+          for group in ("paper", "memory_plus", "sweep", "ablations")}
+assert not GROUPS.keys() & {m.key for m in MODELS}, "a group name must not be a model key"
 # The sweep's reference point: c's value on each axis.
 BASELINE_AXES = {"heads": (4, "4"), "knn": (32, "32"), "slots": (128, "128²"), "position": (2, "middle (2)")}
 
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model (same token budget)")
     parser.add_argument("--eval-every", type=int, default=100, help="validation interval, in steps")
     parser.add_argument("--models", default="a,b,c,d,e",
-                        help="comma-separated model keys and group names (paper, memplus, sweep, ablations)")
+                        help="comma-separated model keys and group names (paper, memory_plus, sweep, ablations)")
     parser.add_argument("--report", type=Path, help="markdown report (default OUT/report.md)")
     parser.add_argument("--plot", type=Path, help="PNG plot, best beside the report (default OUT/plot.png)")
     parser.add_argument("--sweep-plot", type=Path, help="PNG plot of the sweeps (default OUT/sweep.png)")

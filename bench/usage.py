@@ -75,8 +75,9 @@ def report(results: list[dict], split: str) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for by_memory in results:
         for name, r in by_memory.items():
-            lines.append(f"| {r['run']} | {r['step']} | {name} | {r['tokens']:,} | {r['usage']:.1%} | {r['random']:.1%} "
-                         f"| {r['independent']:.1%} | {r['live_subkeys']:.1%} | {r['reachable']:.1%} |")
+            lines.append(f"| {r['run']} | {r['step']} | {name} | {r['tokens']:,} | {r['usage']:.1%} "
+                         f"| {r['random']:.1%} | {r['independent']:.1%} | {r['live_subkeys']:.1%} "
+                         f"| {r['reachable']:.1%} |")
     return "\n".join(lines) + "\n"
 
 

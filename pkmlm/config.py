@@ -353,10 +353,12 @@ def _problems(c: Config):
     if mem.query_layernorm and mem.query_batchnorm:
         yield "memory.query_layernorm", "true together with memory.query_batchnorm=true; set query_batchnorm=false"
     if mem.flat and mem.n_keys**2 > FLAT_MAX_SLOTS:
-        yield "memory.flat", (f"true with memory.n_keys={mem.n_keys} ({mem.n_keys**2} slots): a flat memory scores "
-                              f"every slot, so it is limited to {FLAT_MAX_SLOTS} slots (n_keys <= {int(FLAT_MAX_SLOTS**0.5)})")
+        yield "memory.flat", (f"true with memory.n_keys={mem.n_keys} ({mem.n_keys**2} slots): a flat memory "
+                              f"scores every slot, so it is limited to {FLAT_MAX_SLOTS} slots "
+                              f"(n_keys <= {int(FLAT_MAX_SLOTS**0.5)})")
     if mem.flat and mem.reinit_every > 0:
-        yield "memory.reinit_every", f"{mem.reinit_every} with memory.flat=true; dead-slot re-initialisation needs product keys"
+        yield "memory.reinit_every", (f"{mem.reinit_every} with memory.flat=true; dead-slot re-initialisation "
+                                      "needs product keys")
 
     if not d.dir:
         yield "data.dir", "empty (give the prepared data directory)"
