@@ -75,6 +75,8 @@ MODELS = (
     _variant("memplus_shared",
              ("memory.gated=true", "memory.share_values=true", "memory.positions=[1:replace,2:replace]"),
              "Memory+, memories replace FFNs 1 and 2, one shared value table", "memory_plus"),
+    _variant("shared", ("memory.share_values=true", "memory.positions=[1:replace,2:replace]"),
+             "memplus_shared without the gate (plain PKM in blocks 1 and 2, one table)", "memory_plus"),
     # Sweeps around c (heads 4, knn 32, 128^2 slots, block 2 of 4).
     *(_variant(f"heads{h}", (f"memory.heads={h}",), f"c with {h} memory heads", "sweep", ("heads", h, str(h)))
       for h in (1, 2, 8)),
