@@ -15,6 +15,12 @@ same token budget, batch and optimiser settings, evaluates them, and writes a ma
     python bench/quality.py --data-dir data/wiki --steps 2000 --models a,c --out runs/wiki_quality
     python bench/quality.py --report-only                     # rebuild the report from finished runs
 
+Beyond these five, rows for Memory+ (Berges et al. 2024) and for the papers' ablations, all variations of c:
+groups `memory_plus`, `sweep` (heads 1/2/4/8, knn 16/32/64, 64^2/128^2/256^2 slots, memory in block 0/2/3) and
+`ablations` (frozen keys, key inits, temperature, no softmax, query MLP, LayerNorm queries, zero values, flat
+memory, re-initialisation). `--models` takes keys and group names (`--models sweep,a`); with sweep rows the
+report gets a second plot (`--sweep-plot`) of validation perplexity along each swept axis.
+
 Runs go to --out (default runs/quality/<model>); a finished run is not trained again and an interrupted one
 resumes from its last checkpoint (delete a run's folder to retrain it).
 Needs matplotlib for the plot (`pip install -e ".[bench]"`); without it the report is written without one.
@@ -45,16 +51,63 @@ class Model:
     config: str
     overrides: tuple[str, ...]
     description: str
+    group: str = "paper"
+    axis: tuple[str, int, str] | None = None  # (swept axis, position on it, label) for the sweep plot
+
+
+PKM = "configs/tiny_pkm.yaml"
+
+
+def _variant(key: str, overrides: tuple[str, ...], description: str, group: str, axis=None) -> Model:
+    return Model(key, f"tiny_pkm_{key}", PKM, overrides, description, group, axis)
 
 
 MODELS = (
     Model("a", "tiny", "configs/tiny.yaml", (), "L=4 layers"),
     Model("b", "tiny_deep", "configs/tiny_deep.yaml", (), "2L=8 layers"),
-    Model("c", "tiny_pkm", "configs/tiny_pkm.yaml", (), "L=4, memory replaces the FFN of block 2"),
+    Model("c", "tiny_pkm", PKM, (), "L=4, memory replaces the FFN of block 2"),
     Model("d", "tiny_pkm_parallel", "configs/tiny_pkm_parallel.yaml", (), "L=4, memory parallel to the FFN of block 2"),
-    Model("e", "tiny_pkm_no_bn", "configs/tiny_pkm.yaml", ("memory.query_batchnorm=false",),
-          "like c, without query BatchNorm"),
+    Model("e", "tiny_pkm_no_bn", PKM, ("memory.query_batchnorm=false",), "like c, without query BatchNorm"),
+    # Memory+ (Berges et al. 2024): the gated output; with qk-norm; two memories sharing one value table.
+    _variant("memplus", ("memory.gated=true",), "Memory+: c with the SiLU-gated output", "memory_plus"),
+    _variant("memplus_qknorm", ("memory.gated=true", "memory.qk_norm=true"), "Memory+ with query/key norm",
+             "memory_plus"),
+    _variant("qknorm", ("memory.qk_norm=true",), "c with query/key norm (no gate)", "memory_plus"),
+    _variant("memplus_shared",
+             ("memory.gated=true", "memory.share_values=true", "memory.positions=[1:replace,2:replace]"),
+             "Memory+, memories replace FFNs 1 and 2, one shared value table", "memory_plus"),
+    _variant("shared", ("memory.share_values=true", "memory.positions=[1:replace,2:replace]"),
+             "memplus_shared without the gate (plain PKM in blocks 1 and 2, one table)", "memory_plus"),
+    # Sweeps around c (heads 4, knn 32, 128^2 slots, block 2 of 4).
+    *(_variant(f"heads{h}", (f"memory.heads={h}",), f"c with {h} memory heads", "sweep", ("heads", h, str(h)))
+      for h in (1, 2, 8)),
+    *(_variant(f"knn{k}", (f"memory.knn={k}",), f"c reading {k} slots per head", "sweep", ("knn", k, str(k)))
+      for k in (16, 64)),
+    *(_variant(f"keys{n}", (f"memory.n_keys={n}",), f"c with {n}^2 slots", "sweep", ("slots", n, f"{n}²"))
+      for n in (64, 256)),
+    _variant("low", ("memory.positions=[0:replace]",), "c with the memory in block 0 (low)", "sweep",
+             ("position", 0, "low (0)")),
+    _variant("high", ("memory.positions=[3:replace]",), "c with the memory in block 3 (high)", "sweep",
+             ("position", 3, "high (3)")),
+    # The papers' ablations.
+    _variant("frozen_keys", ("memory.learn_keys=false",), "c with frozen (random) keys", "ablations"),
+    _variant("keys_normal", ("memory.key_init=normal",), "c with normal key init", "ablations"),
+    _variant("keys_orthogonal", ("memory.key_init=orthogonal",), "c with orthogonal key init", "ablations"),
+    _variant("temp2", ("memory.score_temperature=2",), "c with score temperature 2", "ablations"),
+    _variant("no_softmax", ("memory.score_softmax=false",), "c weighting by raw scores (no softmax)", "ablations"),
+    _variant("query_mlp", ("memory.query_layers=2",), "c with a 2-layer query MLP", "ablations"),
+    _variant("query_ln", ("memory.query_batchnorm=false", "memory.query_layernorm=true"),
+             "c with LayerNorm instead of BatchNorm on queries", "ablations"),
+    _variant("zero_values", ("memory.value_init=zero",), "c with zero-initialised values", "ablations"),
+    _variant("flat64", ("memory.flat=true", "memory.n_keys=64"), "flat exact memory, 64^2 slots (vs keys64)",
+             "ablations"),
+    _variant("reinit", ("memory.reinit_every=50",), "c with dead-slot re-initialisation every 50 steps", "ablations"),
 )
+GROUPS = {group: [m.key for m in MODELS if m.group == group]
+          for group in ("paper", "memory_plus", "sweep", "ablations")}
+assert not GROUPS.keys() & {m.key for m in MODELS}, "a group name must not be a model key"
+# The sweep's reference point: c's value on each axis.
+BASELINE_AXES = {"heads": (4, "4"), "knn": (32, "32"), "slots": (128, "128²"), "position": (2, "middle (2)")}
 
 
 def main(argv=None) -> int:
@@ -63,17 +116,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="parent folder of the five runs")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model (same token budget)")
     parser.add_argument("--eval-every", type=int, default=100, help="validation interval, in steps")
-    parser.add_argument("--models", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--models", default="a,b,c,d,e",
+                        help="comma-separated model keys and group names (paper, memory_plus, sweep, ablations)")
     parser.add_argument("--report", type=Path, help="markdown report (default OUT/report.md)")
     parser.add_argument("--plot", type=Path, help="PNG plot, best beside the report (default OUT/plot.png)")
+    parser.add_argument("--sweep-plot", type=Path, help="PNG plot of the sweeps (default OUT/sweep.png)")
     parser.add_argument("--report-only", action="store_true", help="do not train; report on the existing runs")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="extra overrides for every model")
     args = parser.parse_args(argv)
 
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    keys = [k for g in args.models.split(",") if g.strip() for k in GROUPS.get(g.strip(), [g.strip()])]
     unknown = sorted(set(keys) - {m.key for m in MODELS})
     if unknown or not keys:
-        parser.error(f"--models takes a comma-separated subset of a,b,c,d,e; got {args.models!r}")
+        parser.error(f"--models takes a comma-separated subset of a,b,c,d,e (more: {', '.join(GROUPS)}, "
+                     f"or keys listed in bench/quality.py); got {args.models!r}")
     if args.steps < 1 or args.eval_every < 1:
         parser.error("--steps and --eval-every must be positive")
     if not (Path(args.data_dir) / "train" / "manifest.json").exists():
@@ -82,14 +138,16 @@ def main(argv=None) -> int:
     models = [m for m in MODELS if m.key in keys]
     args.report = args.report or args.out / "report.md"
     args.plot = args.plot or args.out / "plot.png"
+    args.sweep_plot = args.sweep_plot or args.out / "sweep.png"
 
     commands, results = {}, {}
     for m in models:
         run_dir = args.out / m.name
-        train_cmd = [sys.executable, "train.py", "--config", m.config, *m.overrides,
+        # The row's own overrides come last: extra overrides for every model never undo what defines a row.
+        train_cmd = [sys.executable, "train.py", "--config", m.config,
                      f"data.dir={args.data_dir}", f"train.out_dir={run_dir}", f"train.max_steps={args.steps}",
                      f"train.eval_every={args.eval_every}", f"train.checkpoint_every={args.steps}", *args.overrides,
-                     "--resume"]
+                     *m.overrides, "--resume"]
         eval_json = run_dir / "evaluation.json"
         eval_cmd = [sys.executable, "evaluate.py", str(run_dir), "--split", "valid,test", "--json", str(eval_json)]
         commands[m.name] = (train_cmd, eval_cmd)
@@ -103,9 +161,11 @@ def main(argv=None) -> int:
         results[m.name] = (m, json.loads(eval_json.read_text())[0], _curve(run_dir))
 
     plotted = _plot(results, args.plot)
+    swept = _sweep_plot(results, args.sweep_plot)
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(_report(results, commands, args, plotted))
-    print(f"report: {args.report}" + (f", plot: {args.plot}" if plotted else ""))
+    args.report.write_text(_report(results, commands, args, plotted, swept))
+    print(f"report: {args.report}" + (f", plot: {args.plot}" if plotted else "")
+          + (f", sweep plot: {args.sweep_plot}" if swept else ""))
     return 0
 
 
@@ -184,7 +244,40 @@ def _plot(results: dict, path: Path) -> bool:
     return True
 
 
-def _report(results: dict, commands: dict, args, plotted: bool) -> str:
+def _sweep_plot(results: dict, path: Path) -> bool:
+    """Test perplexity along each swept axis, c at the axis' reference value; False without sweep rows."""
+    axes: dict[str, list] = {}
+    baseline = next((row for m, row, _ in results.values() if m.key == "c"), None)
+    for m, row, _ in results.values():
+        if m.axis is not None:
+            axes.setdefault(m.axis[0], []).append((*m.axis[1:], row["test_ppl"]))
+    if not axes:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, panels = plt.subplots(1, len(axes), figsize=(3.2 * len(axes), 3.2), squeeze=False)
+    for ax, (axis, points) in zip(panels[0], axes.items()):
+        if baseline is not None:
+            points = points + [(*BASELINE_AXES[axis], baseline["test_ppl"])]
+        points.sort()
+        labels, values = [p[1] for p in points], [p[2] for p in points]
+        ax.plot(range(len(values)), values, marker="o")
+        ax.set_xticks(range(len(values)), labels)
+        ax.set_xlabel(axis)
+        ax.set_ylabel("test perplexity")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _report(results: dict, commands: dict, args, plotted: bool, swept: bool = False) -> str:
     lines = ["# Quality benchmark: the paper's claims at CPU scale", "",
              f"Data: `{args.data_dir}`; {args.steps} steps per model; generated by `bench/quality.py`.", "",
              "| model | what | params total | memory values | active/token | valid ppl | test ppl "
@@ -207,6 +300,8 @@ def _report(results: dict, commands: dict, args, plotted: bool) -> str:
                      + " |")
     if plotted:
         lines += ["", f"![validation perplexity against training tokens and time]({args.plot.name})"]
+    if swept:
+        lines += ["", f"![test perplexity along each swept axis]({args.sweep_plot.name})"]
     lines += ["", "Commands (from the repository root):", "", "```"]
     for train_cmd, eval_cmd in commands.values():
         lines += [shlex.join(_display(train_cmd)), shlex.join(_display(eval_cmd))]

@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from pkmlm.memory import FLAT_MAX_SLOTS, KEY_INITS, VALUE_INITS
+
 PLACEMENTS = ("replace", "after", "parallel")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,6 +60,17 @@ class MemoryConfig:
     reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/reinit.py
     reinit_min_count: int = 1  # a slot read fewer times than this in the window is dead
     values_file: Optional[str] = None  # the value table and its Adam state in memory-mapped files here
+    # Memory+ and the papers' ablations (docs/config.md).
+    gated: bool = False  # Memory+: out = W_o(read * silu(W_g x))
+    qk_norm: bool = False  # cosine scores between query halves and sub-keys
+    learn_keys: bool = True
+    key_init: str = "uniform"  # uniform | normal | orthogonal
+    score_temperature: float = 1.0
+    score_softmax: bool = True
+    query_layers: int = 1  # linear layers of the query network
+    query_layernorm: bool = False  # LayerNorm instead of BatchNorm on the queries
+    value_init: str = "normal"  # normal | zero
+    flat: bool = False  # exact memory, one full key per slot (small sizes only)
 
     def placements(self) -> list[tuple[int, str]]:
         """`positions` parsed to (layer, placement) pairs, in the order given. Assumes a validated config."""
@@ -381,11 +394,33 @@ def _problems(c: Config):
             yield "memory.values_file", "cannot be combined with memory.reinit_every > 0 (set it to 0)"
         elif mem.shard_values:
             yield "memory.values_file", "cannot be combined with memory.shard_values=true (one process holds the file)"
+        elif mem.value_init != "normal":
+            yield "memory.values_file", f"cannot be combined with memory.value_init={mem.value_init} (the file is " \
+                                        "initialised normal); set memory.value_init=normal"
         elif t.keep_best:
             yield "memory.values_file", ("cannot be combined with train.keep_best=true (the file holds the newest "
                                          "checkpoint's table only); set train.keep_best=false")
     if mem.reinit_every > 0 and not mem.positions:
         yield "memory.reinit_every", f"{mem.reinit_every} but the model has no memory (memory.positions is empty)"
+    if mem.key_init not in KEY_INITS:
+        yield "memory.key_init", f"'{mem.key_init}' (must be one of {', '.join(KEY_INITS)})"
+    if mem.value_init not in VALUE_INITS:
+        yield "memory.value_init", f"'{mem.value_init}' (must be one of {', '.join(VALUE_INITS)})"
+    elif mem.shard_values and mem.value_init != "normal":
+        yield "memory.value_init", (f"'{mem.value_init}' with memory.shard_values=true (sharded tables are "
+                                    "initialised normal): set memory.value_init=normal")
+    if mem.score_temperature <= 0:
+        yield "memory.score_temperature", f"{mem.score_temperature} (must be > 0)"
+    yield from at_least("memory.query_layers", mem.query_layers, 1)
+    if mem.query_layernorm and mem.query_batchnorm:
+        yield "memory.query_layernorm", "true together with memory.query_batchnorm=true; set query_batchnorm=false"
+    if mem.flat and mem.n_keys**2 > FLAT_MAX_SLOTS:
+        yield "memory.flat", (f"true with memory.n_keys={mem.n_keys} ({mem.n_keys**2} slots): a flat memory "
+                              f"scores every slot, so it is limited to {FLAT_MAX_SLOTS} slots "
+                              f"(n_keys <= {int(FLAT_MAX_SLOTS**0.5)})")
+    if mem.flat and mem.reinit_every > 0:
+        yield "memory.reinit_every", (f"{mem.reinit_every} with memory.flat=true; dead-slot re-initialisation "
+                                      "needs product keys")
 
     if not d.dir:
         yield "data.dir", "empty (give the prepared data directory)"

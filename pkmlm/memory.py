@@ -4,6 +4,11 @@ A token's query is split into two halves; each half is scored against its own `n
 the `n_keys**2` memory slots are all pairs (i1, i2) of sub-keys, scored by the sum of the two half
 scores. The best `knn` slots per head are read from a value table with softmax weights, heads summed.
 Finding them costs O(n_keys) per half instead of O(n_keys**2): see `ProductKeyMemory.lookup`.
+
+Options for ablations and for Memory+ (Berges et al., "Memory Layers at Scale", 2024) — the gated output,
+query/key normalisation, frozen keys, key initialisations, score temperature or no softmax, a query MLP,
+LayerNorm queries, zero-initialised values and a flat (non-product) exact memory — are described in
+`ProductKeyMemory` and docs/config.md.
 """
 
 from __future__ import annotations
@@ -15,19 +20,29 @@ from torch import Tensor, nn
 from pkmlm import kernels
 from pkmlm.sparse import row_sparse_grad
 
+KEY_INITS = ("uniform", "normal", "orthogonal")
+VALUE_INITS = ("normal", "zero")
+# A flat memory scores every slot for every token: O(slots * k_dim) per token and head.
+FLAT_MAX_SLOTS = 2**16
 
-def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True, device=None) -> nn.EmbeddingBag:
-    """A value table of `n_keys**2` rows of size `v_dim`, initialised N(0, v_dim**-0.5).
+
+def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True, init: str = "normal",
+                     device=None) -> nn.EmbeddingBag:
+    """A value table of `n_keys**2` rows of size `v_dim`, initialised N(0, v_dim**-0.5) ("normal") or to zero.
 
     Build one and pass it as `values=` to several `ProductKeyMemory` layers to share it.
     `sparse=True` makes its gradient a row-sparse tensor (only the rows read in the step).
     device="meta": a placeholder without storage, for a table that pkmlm.values_file maps from disk.
     """
     _check_positive(n_keys=n_keys, v_dim=v_dim)
+    _check_choice("init", init, VALUE_INITS)
     # _weight: skip EmbeddingBag's own N(0, 1) draw, overwritten anyway (pkmlm.value_table draws the same numbers).
     table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", sparse=sparse,
                             _weight=torch.empty(n_keys**2, v_dim, device=device))
-    nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
+    if init == "zero":
+        nn.init.zeros_(table.weight)
+    else:
+        nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
     return table
 
 
@@ -61,18 +76,46 @@ class ProductKeyMemory(nn.Module):
             optimizer); otherwise it is a dense (n_keys**2, v_dim) tensor every step.
         values: a table from `make_value_table` to share with other memories; its size must be
             (n_keys**2, v_dim) and its `sparse` flag must equal `sparse`.
+        gated: Memory+ output, out_proj(read * silu(gate_proj(x))) with x the layer input; always adds
+            the output projection, also when v_dim == output_dim.
+        qk_norm: score cosines: query halves and sub-keys L2-normalised, scores scaled by sqrt(k_dim // 2)
+            (sqrt(k_dim) for a flat memory) so that they start with about unit spread.
+        learn_keys: False freezes the keys (requires_grad False: no gradient, no optimizer state).
+        key_init: "uniform" U(+-s), s = (k_dim // 2)**-0.5 (the default); "normal" with the same variance;
+            "orthogonal": each (head, half) sub-key matrix orthogonal, rescaled to the same variance.
+        score_temperature: scores are divided by it before the softmax (> 0).
+        score_softmax: False reads with the (temperature-scaled) scores themselves as weights.
+        query_layers: linear layers in the query network; more than one makes an MLP with hidden
+            width input_dim and GELU between layers.
+        query_layernorm: LayerNorm over each head's query instead of BatchNorm (exclusive with
+            query_batchnorm); per token, so it does not depend on the batch.
+        value_init: "normal" or "zero" (used when this memory builds its own table, and by reinit_slots).
+        flat: exact memory with one full key per slot (heads, n_keys**2, k_dim), every slot scored:
+            the baseline product keys approximate. At most FLAT_MAX_SLOTS slots; no sub-keys.
     """
 
     def __init__(self, input_dim: int, output_dim: int, *, n_keys: int = 512, heads: int = 4,
                  knn: int = 32, k_dim: int = 512, v_dim: int | None = None,
                  query_batchnorm: bool = True, input_dropout: float = 0.0,
                  query_dropout: float = 0.0, value_dropout: float = 0.0, sparse: bool = True,
-                 values: nn.EmbeddingBag | None = None):
+                 values: nn.EmbeddingBag | None = None, gated: bool = False, qk_norm: bool = False,
+                 learn_keys: bool = True, key_init: str = "uniform", score_temperature: float = 1.0,
+                 score_softmax: bool = True, query_layers: int = 1, query_layernorm: bool = False,
+                 value_init: str = "normal", flat: bool = False):
         super().__init__()
         if v_dim is None:
             v_dim = values.embedding_dim if values is not None else output_dim
         _check_positive(input_dim=input_dim, output_dim=output_dim, n_keys=n_keys, heads=heads,
-                        knn=knn, k_dim=k_dim, v_dim=v_dim)
+                        knn=knn, k_dim=k_dim, v_dim=v_dim, query_layers=query_layers)
+        _check_choice("key_init", key_init, KEY_INITS)
+        _check_choice("value_init", value_init, VALUE_INITS)
+        if not score_temperature > 0:
+            raise ValueError(f"score_temperature must be > 0, got {score_temperature}")
+        if query_batchnorm and query_layernorm:
+            raise ValueError("query_batchnorm and query_layernorm are exclusive: pick one query normalisation")
+        if flat and n_keys**2 > FLAT_MAX_SLOTS:
+            raise ValueError(f"a flat memory scores every slot: n_keys={n_keys} gives {n_keys**2} slots, "
+                             f"at most {FLAT_MAX_SLOTS} are allowed (use product keys for larger memories)")
         if k_dim % 2:
             raise ValueError(f"k_dim must be even (it is split into two halves), got {k_dim}")
         if n_keys**2 >= 2**31:
@@ -85,23 +128,37 @@ class ProductKeyMemory(nn.Module):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         if values is None:
-            values = make_value_table(n_keys, v_dim, sparse=sparse)
+            values = make_value_table(n_keys, v_dim, sparse=sparse, init=value_init)
         else:
             _check_shared_values(values, n_keys, v_dim, sparse)
 
         self.input_dim, self.output_dim = input_dim, output_dim
         self.n_keys, self.heads, self.knn, self.k_dim, self.v_dim = n_keys, heads, knn, k_dim, v_dim
+        self.flat, self.qk_norm, self.key_init, self.value_init = flat, qk_norm, key_init, value_init
+        self.score_temperature, self.score_softmax = float(score_temperature), score_softmax
 
         self.input_dropout = nn.Dropout(input_dropout)
+        # Hidden layers of a query MLP (None: the query is one linear map of the input).
+        self.query_mlp = nn.Sequential(*(m for _ in range(query_layers - 1)
+                                         for m in (nn.Linear(input_dim, input_dim), nn.GELU()))) \
+            if query_layers > 1 else None
         # BatchNorm subtracts the mean, so a bias before it would be a parameter with no effect.
         self.query_proj = nn.Linear(input_dim, heads * k_dim, bias=not query_batchnorm)
-        self.query_norm = nn.BatchNorm1d(heads * k_dim) if query_batchnorm else None
+        if query_batchnorm:
+            self.query_norm = nn.BatchNorm1d(heads * k_dim)
+        elif query_layernorm:
+            self.query_norm = nn.LayerNorm(k_dim)
+        else:
+            self.query_norm = None
         self.query_dropout = nn.Dropout(query_dropout)
         half = k_dim // 2
-        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, half).uniform_(-half**-0.5, half**-0.5))
+        shape = (heads, n_keys**2, k_dim) if flat else (heads, 2, n_keys, half)
+        # Flat keys use the sub-keys' scale too, so that flat and product scores have the same spread.
+        self.keys = nn.Parameter(_init_keys(shape, half**-0.5, key_init), requires_grad=learn_keys)
         self.values = values
         self.value_dropout = nn.Dropout(value_dropout)
-        self.out_proj = nn.Linear(v_dim, output_dim) if v_dim != output_dim else None
+        self.gate_proj = nn.Linear(input_dim, v_dim, bias=False) if gated else None
+        self.out_proj = nn.Linear(v_dim, output_dim) if gated or v_dim != output_dim else None
 
         a, b = candidate_pairs(knn)
         self.register_buffer("pair_a", a, persistent=False)
@@ -171,24 +228,35 @@ class ProductKeyMemory(nn.Module):
 
     def _query(self, x: Tensor) -> Tensor:
         """(N, input_dim) -> (N, heads, k_dim)."""
-        q = self.query_proj(self.input_dropout(x))
+        h = self.input_dropout(x)
+        if self.query_mlp is not None:
+            h = self.query_mlp(h)
+        q = self.query_proj(h).view(-1, self.heads, self.k_dim)
         if self.query_norm is not None:
-            q = self.query_norm(q)
-        return self.query_dropout(q).view(-1, self.heads, self.k_dim)
+            # BatchNorm1d normalises each of the heads * k_dim features; LayerNorm each head's query.
+            q = self.query_norm(q.flatten(1)).view_as(q) if isinstance(self.query_norm, nn.BatchNorm1d) \
+                else self.query_norm(q)
+        return self.query_dropout(q)
 
     def _search(self, q: Tensor, with_subkeys: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         """(N, heads, k_dim) -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn).
 
         On float32 CPU keys the compiled kernel does it all (see pkmlm.kernels; sub-key ids only
         when asked for), also for bf16/fp16 autocast queries; elsewhere these torch ops do the same.
+        A flat memory has no sub-key ids (None).
         """
+        if self.flat:
+            return (*self._flat_search(q), None)
         n, half = q.shape[0], self.k_dim // 2
-        if q.dtype in (torch.bfloat16, torch.float16) and kernels.usable(self.keys):
+        q, keys = q.view(n, self.heads, 2, half), self.keys
+        if self.qk_norm:
+            q, keys = F.normalize(q, dim=-1) * half**0.5, F.normalize(keys, dim=-1)
+        if q.dtype in (torch.bfloat16, torch.float16) and kernels.usable(keys):
             q = q.float()  # CPU autocast: the kernel searches the rounded queries exactly, in float32
-        if kernels.usable(q, self.keys):
-            return _CompiledLookup.apply(q, self.keys, self.knn, with_subkeys)
+        if kernels.usable(q, keys):
+            return _CompiledLookup.apply(q.flatten(2), keys, self.knn, with_subkeys)
         # (N, heads, 2, n_keys): each query half against its own sub-keys, all heads in one einsum.
-        half_scores = torch.einsum("nhpd,hpkd->nhpk", q.view(n, self.heads, 2, half), self.keys.to(q.dtype))
+        half_scores = torch.einsum("nhpd,hpkd->nhpk", q, keys.to(q.dtype))
         top_scores, top_ids = half_scores.topk(self.knn, dim=-1)  # (N, heads, 2, knn), sorted
         # Sum only the rank pairs that can reach the top-knn (see candidate_pairs).
         sums = (top_scores[:, :, 0].index_select(-1, self.pair_a)
@@ -198,11 +266,29 @@ class ProductKeyMemory(nn.Module):
         i2 = top_ids[:, :, 1].gather(-1, self.pair_b[best])
         return scores, i1 * self.n_keys + i2, top_ids
 
+    def _flat_search(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact top-knn over every slot's full key: (N, heads, k_dim) -> scores, slots (N, heads, knn)."""
+        keys = self.keys.to(q.dtype)  # (heads, slots, k_dim)
+        if self.qk_norm:
+            q, keys = F.normalize(q, dim=-1) * self.k_dim**0.5, F.normalize(keys, dim=-1)
+        slots = keys.shape[1]
+        # The search needs no graph; chunks of tokens bound its (tokens, heads, slots) score block.
+        chunk = max(1, 2**24 // (self.heads * slots))
+        with torch.no_grad():
+            indices = torch.cat([torch.einsum("nhd,hsd->nhs", q[i:i + chunk], keys).topk(self.knn, dim=-1).indices
+                                 for i in range(0, q.shape[0], chunk)]) if q.shape[0] else \
+                q.new_zeros(0, self.heads, self.knn, dtype=torch.long)
+        # Scores of the selected slots, with gradients reaching only their keys.
+        heads = torch.arange(self.heads, device=q.device).view(1, -1, 1)
+        scores = (keys[heads, indices] * q.unsqueeze(2)).sum(-1)  # (N, heads, knn)
+        return scores, indices
+
     def _read(self, x: Tensor) -> Tensor:
         """(N, input_dim) -> (N, output_dim)."""
         scores, indices, subkeys = self._search(self._query(x), with_subkeys=self.usage_counts is not None)
-        # float32 softmax even under autocast: bf16 weights over 32 slots lose the small ones.
-        weights = F.softmax(scores.float(), dim=-1)  # (N, heads, knn)
+        # float32 weights even under autocast: bf16 weights over 32 slots lose the small ones.
+        scores = scores.float() / self.score_temperature if self.score_temperature != 1.0 else scores.float()
+        weights = F.softmax(scores, dim=-1) if self.score_softmax else scores  # (N, heads, knn)
         if self.usage_counts is not None:
             self._accumulate_usage(indices, weights, subkeys)
         n, table = indices.shape[0], self.values.weight
@@ -216,6 +302,8 @@ class ProductKeyMemory(nn.Module):
         else:
             out = self.values(indices, per_sample_weights=weights)
         out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
+        if self.gate_proj is not None:
+            out = out * F.silu(self.gate_proj(x))
         return self.out_proj(out) if self.out_proj is not None else out
 
     # ---- what the trainer and the metrics need ----------------------------------------------------
@@ -226,12 +314,14 @@ class ProductKeyMemory(nn.Module):
 
     @torch.no_grad()
     def reinit_slots(self, slots: Tensor, generator: torch.Generator | None = None) -> None:
-        """Redraw the value rows `slots` (LongTensor (S,)) from the table's init, N(0, v_dim**-0.5).
+        """Redraw the value rows `slots` (LongTensor (S,)) from the table's init, N(0, v_dim**-0.5) or zero.
 
         Values are drawn on the CPU from `generator`, so equal seeds give equal rows on every device and rank.
         """
         rows = self._check_ids(slots, self.n_keys**2, "slots")
         fresh = torch.randn(rows.numel(), self.v_dim, generator=generator, dtype=torch.float32) * self.v_dim**-0.5
+        if self.value_init == "zero":
+            fresh.zero_()
         if not isinstance(self.values, nn.EmbeddingBag):
             self.values.write_rows(rows, fresh)
             return
@@ -240,17 +330,23 @@ class ProductKeyMemory(nn.Module):
 
     @torch.no_grad()
     def reinit_subkeys(self, mask: Tensor, generator: torch.Generator | None = None) -> None:
-        """Redraw the sub-keys where `mask` (heads, 2, n_keys) bool is True from their init, U(+-half**-0.5).
+        """Redraw the sub-keys where `mask` (heads, 2, n_keys) bool is True from their init, U(+-half**-0.5)
+        (normal: N with the same variance; orthogonal: also that normal, a subset cannot be made orthogonal).
 
-        Drawn on the CPU from `generator` (see `reinit_slots`).
+        Drawn on the CPU from `generator` (see `reinit_slots`). A flat memory has no sub-keys (ValueError).
         """
+        if self.flat:
+            raise ValueError("a flat memory has no sub-keys to re-initialise")
         if mask.dtype != torch.bool or mask.shape != self.keys.shape[:3]:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(self.keys.shape[:3])} "
                              f"(heads, 2, n_keys), got {mask.dtype} {tuple(mask.shape)}")
         half = self.k_dim // 2
         mask = mask.cpu()
-        fresh = torch.rand(int(mask.sum()), half, generator=generator, dtype=torch.float32)
-        fresh = (fresh * 2 - 1) * half**-0.5
+        if self.key_init == "uniform":
+            fresh = torch.rand(int(mask.sum()), half, generator=generator, dtype=torch.float32)
+            fresh = (fresh * 2 - 1) * half**-0.5
+        else:
+            fresh = torch.randn(int(mask.sum()), half, generator=generator, dtype=torch.float32) * (3 * half)**-0.5
         keys = self.keys.data
         keys[mask.to(keys.device)] = fresh.to(device=keys.device, dtype=keys.dtype)
 
@@ -302,13 +398,19 @@ class ProductKeyMemory(nn.Module):
         slot = (indices + (heads * self.n_keys**2).view(1, -1, 1)).reshape(-1)
         self.usage_counts.view(-1).index_add_(0, slot, torch.ones_like(slot, dtype=torch.float64))
         self.usage_weights.view(-1).index_add_(0, slot, weights.reshape(-1).double())
+        if subkeys is None:  # flat memory: no sub-keys
+            return
         half = torch.arange(2 * self.heads, device=indices.device).view(1, self.heads, 2, 1)
         sub = (subkeys + half * self.n_keys).reshape(-1)
         self.usage_subkeys.view(-1).index_add_(0, sub, torch.ones_like(sub, dtype=torch.float64))
 
     def extra_repr(self) -> str:
+        options = [name for name, on in (("flat", self.flat), ("gated", self.gate_proj is not None),
+                                         ("qk_norm", self.qk_norm), ("frozen keys", not self.keys.requires_grad),
+                                         ("no softmax", not self.score_softmax)) if on]
         return (f"{self.input_dim}->{self.output_dim}, n_keys={self.n_keys} ({self.n_keys**2} slots), "
-                f"heads={self.heads}, knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}")
+                f"heads={self.heads}, knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}"
+                + "".join(f", {o}" for o in options))
 
 
 class _CompiledLookup(torch.autograd.Function):
@@ -387,6 +489,25 @@ def _weighted_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     if kernels.usable(table, weights):
         return _CompiledWeightedRead.apply(table, indices, weights)
     return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+
+
+def _init_keys(shape: tuple[int, ...], scale: float, kind: str) -> Tensor:
+    """Keys of `shape` with entries of variance scale**2 / 3 (that of U(+-scale)), drawn as `kind`."""
+    if kind == "uniform":
+        return torch.empty(shape).uniform_(-scale, scale)
+    std = scale / 3**0.5
+    if kind == "normal":
+        return torch.randn(shape) * std
+    keys = torch.empty(shape)
+    rows, cols = shape[-2:]
+    for matrix in keys.view(-1, rows, cols):
+        nn.init.orthogonal_(matrix)  # entries' mean square: min(rows, cols) / (rows * cols)
+    return keys * (std / (min(rows, cols) / (rows * cols)) ** 0.5)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _check_positive(**sizes) -> None:

@@ -164,7 +164,7 @@ class TransformerLM(nn.Module):
         v_dim = mem.v_dim or config.model.d_model
         if mem.shard_values:
             return ShardedValueTable(mem.n_keys**2, v_dim)
-        return make_value_table(mem.n_keys, v_dim)
+        return make_value_table(mem.n_keys, v_dim, init=mem.value_init)
 
     @staticmethod
     def _make_memory(config: Config, values: nn.Module) -> ProductKeyMemory:
@@ -172,7 +172,11 @@ class TransformerLM(nn.Module):
         return ProductKeyMemory(d, d, n_keys=mem.n_keys, heads=mem.heads, knn=mem.knn, k_dim=mem.k_dim,
                                 v_dim=mem.v_dim, query_batchnorm=mem.query_batchnorm,
                                 input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
-                                value_dropout=mem.value_dropout, sparse=True, values=values)
+                                value_dropout=mem.value_dropout, sparse=True, values=values, gated=mem.gated,
+                                qk_norm=mem.qk_norm, learn_keys=mem.learn_keys, key_init=mem.key_init,
+                                score_temperature=mem.score_temperature, score_softmax=mem.score_softmax,
+                                query_layers=mem.query_layers, query_layernorm=mem.query_layernorm,
+                                value_init=mem.value_init, flat=mem.flat)
 
     def _init_weights(self) -> None:
         # GPT-2 convention: N(0, 0.02) everywhere, and the projections that write into the residual

@@ -37,6 +37,8 @@ class DeadSlotReinit:
         self.memories = model.memories()
         if not self.memories:
             raise ValueError("dead-slot re-initialisation needs a model with memories (memory.positions)")
+        if any(m.flat for _, m in self.memories):
+            raise ValueError("dead-slot re-initialisation needs product keys (memory.flat=false)")
         self.optim, self.every, self.min_count, self.seed = optim, every, min_count, seed
         # Memories sharing one value table decide together: a slot is dead only if no sharer read it.
         self.tables: dict[str, list[str]] = {}
@@ -92,6 +94,8 @@ class DeadSlotReinit:
             dead_subkeys = 0
             for name in sharers:
                 m = memories[name]
+                if not m.keys.requires_grad:  # frozen keys (memory.learn_keys=false) are left as drawn
+                    continue
                 mask = D.all_reduce_sum(self.subkey_counts[name]).cpu() == 0  # (heads, 2, n_keys)
                 dead_subkeys += int(mask.sum())
                 m.reinit_subkeys(mask, generator)

@@ -1,5 +1,6 @@
 """bench/quality.py end to end on a tiny synthetic corpus: two of its models trained, evaluated and reported."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ def test_quality_bench_trains_evaluates_and_reports(tmp_path, random_corpus):
                   vocab_hash="bench-vocab", eos_id=1)
     out = tmp_path / "runs"
     cmd = [sys.executable, "bench/quality.py", "--data-dir", str(tmp_path / "data"), "--out", str(out),
-           "--steps", "2", "--eval-every", "1", "--models", "a,e", *TINY]
+           "--steps", "2", "--eval-every", "1", "--models", "a,e,heads1", *TINY]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (out / "report.md").read_text()
@@ -26,6 +27,19 @@ def test_quality_bench_trains_evaluates_and_reports(tmp_path, random_corpus):
     assert len(rows) == 2, report
     assert "| e: tiny_pkm_no_bn |" in rows[1] and "%" in rows[1]  # the memory model reports its usage
     assert "memory.query_batchnorm=false" in report  # the exact commands are in the report
+    # A sweep row: its own override wins over the extra ones (memory.heads=2 in TINY), and it gets the sweep plot.
+    assert "| heads1: tiny_pkm_heads1 |" in report
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "sweep.png").exists() and "sweep.png" in report
+    assert "heads: 1" in (out / "tiny_pkm_heads1" / "config.yaml").read_text()
+    # The usage diagnosis reads the memory run's checkpoint; its numbers are fractions that bound each other.
+    diag = subprocess.run([sys.executable, "bench/usage.py", str(out / "tiny_pkm_no_bn"), "--report",
+                           str(tmp_path / "usage.md")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert diag.returncode == 0, diag.stderr[-2000:]
+    row = (tmp_path / "usage.md").read_text().splitlines()[2].split("|")
+    assert row[1].strip() == "tiny_pkm_no_bn" and row[3].strip() == "blocks.2.memory"
+    usage, random, independent, live, reachable = (float(row[i].strip().rstrip("%")) for i in range(5, 10))
+    assert 0 < usage <= reachable <= 100 and 0 < live <= 100 and 0 < independent <= random <= 100
     # A second call trains nothing: the finished runs are only re-evaluated and reported.
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train.py" not in again.stdout

@@ -117,6 +117,12 @@ def test_wrong_types(path, override, expected):
     ("train.keep_checkpoints=0", "'train.keep_checkpoints'"),
     ("train.eval_batches=-1", "'train.eval_batches'"),
     ("train.dist_timeout_s=0", "'train.dist_timeout_s': 0.0 (must be > 0 seconds)"),
+    ("memory.key_init=gaussian", "'memory.key_init': 'gaussian' (must be one of uniform, normal, orthogonal)"),
+    ("memory.value_init=ones", "'memory.value_init': 'ones' (must be one of normal, zero)"),
+    ("memory.score_temperature=0", "'memory.score_temperature': 0.0 (must be > 0)"),
+    ("memory.query_layers=0", "'memory.query_layers': 0 (must be >= 1)"),
+    ("memory.query_layernorm=true", "'memory.query_layernorm': true together with memory.query_batchnorm=true"),
+    ("memory.flat=true", "'memory.flat': true with memory.n_keys=512 (262144 slots)"),
 ])
 def test_invalid_values(path, override, expected):
     msg = error(path, [override])
@@ -166,6 +172,23 @@ def test_fp16_on_cpu_is_accepted(path):
     config = load_config(path, ["train.precision=fp16", "train.device=cpu"])  # CPU autocast + GradScaler
     config.validate_runtime(device_type="cpu")
     assert config.train.precision == "fp16"
+
+
+def test_memory_option_types_and_cross_checks(path):
+    assert "'memory.gated' must be true or false" in error(path, ["memory.gated=1"])
+    assert "'memory.learn_keys' must be true or false" in error(path, ["memory.learn_keys=no_thanks"])
+    assert "'memory.query_layers' must be an integer" in error(path, ["memory.query_layers=1.5"])
+    msg = error(path, ["memory.flat=true", "memory.n_keys=64", "memory.knn=32", "memory.reinit_every=10",
+                       "memory.positions=[1:replace]"])
+    assert "'memory.reinit_every': 10 with memory.flat=true" in msg
+    c = load_config(path, ["memory.flat=true", "memory.n_keys=256", "memory.knn=32", "memory.gated=true",
+                           "memory.query_batchnorm=false", "memory.query_layernorm=true", "memory.qk_norm=true",
+                           "memory.learn_keys=false", "memory.key_init=orthogonal", "memory.score_temperature=2",
+                           "memory.score_softmax=false", "memory.query_layers=2", "memory.value_init=zero"])
+    assert c.memory.flat and c.memory.score_temperature == 2.0 and c.memory.value_init == "zero"
+    assert "with memory.shard_values=true (sharded tables are initialised normal)" in error(
+        path, ["memory.value_init=zero", "memory.shard_values=true"])
+    assert Config.from_dict(c.to_dict()) == c
 
 
 def test_missing_keys_bad_file_bad_yaml(path, tmp_path):

@@ -239,3 +239,216 @@ def test_bad_inputs_raise_value_error():
         mem.query(torch.randn(2, 4, 12), torch.ones(2, 4))
     with pytest.raises(ValueError, match="heads, k_dim"):
         mem.lookup(torch.randn(4, 3, 8))
+
+
+# ---- Memory+ and the ablation options -----------------------------------------------------------------
+
+
+def test_gate_is_silu_of_a_projection_of_the_input():
+    torch.manual_seed(0)
+    gated = small(gated=True)
+    assert gated.out_proj is not None and gated.out_proj.in_features == gated.v_dim == 10
+    plain = small(v_dim=10, output_dim=10)
+    x = torch.randn(7, 12)
+    gated.eval()
+    with torch.no_grad():
+        scores, indices = gated.lookup(gated.query(x))
+        read = torch.einsum("nhk,nhkd->nd", scores.softmax(-1), gated.values.weight[indices])
+        expected = gated.out_proj(read * torch.nn.functional.silu(gated.gate_proj(x)))
+        torch.testing.assert_close(gated(x), expected)
+    assert plain.gate_proj is None and plain.out_proj is None
+    gated.train()
+    gated(x).sum().backward()
+    assert gated.gate_proj.weight.grad.abs().sum() > 0 and gated.gate_proj.bias is None
+
+
+def test_frozen_keys_get_no_gradient_and_no_optimizer_state():
+    from pkmlm.optim import make_optimizers
+
+    torch.manual_seed(0)
+    mem = small(learn_keys=False)
+    before = mem.keys.detach().clone()
+    opt = make_optimizers(mem, lr=1e-2, value_lr=1e-2)
+    mem(torch.randn(5, 12)).pow(2).sum().backward()
+    assert mem.keys.grad is None and mem.query_proj.weight.grad is not None
+    assert all(p is not mem.keys for g in opt.dense.param_groups for p in g["params"])
+    opt.step()
+    assert torch.equal(mem.keys, before)
+
+
+@pytest.mark.parametrize("kernels_on", ["0", "1"])
+def test_temperature_and_softmax_off_weights(monkeypatch, kernels_on):
+    monkeypatch.setenv("PKMLM_CPU_KERNELS", kernels_on)
+    torch.manual_seed(0)
+    x = torch.randn(6, 12)
+    for kw, weigh in ((dict(score_temperature=0.25), lambda s: (s / 0.25).softmax(-1)),
+                      (dict(score_softmax=False), lambda s: s),
+                      (dict(score_softmax=False, score_temperature=2.0), lambda s: s / 2.0)):
+        mem = small(output_dim=10, v_dim=10, **kw).eval()
+        mem.track_usage()
+        with torch.no_grad():
+            scores, indices = mem.lookup(mem.query(x))
+            expected = torch.einsum("nhk,nhkd->nd", weigh(scores), mem.values.weight[indices])
+            torch.testing.assert_close(mem(x), expected)
+        # the usage histogram records the weights actually used
+        torch.testing.assert_close(mem.usage()["weights"].sum(), weigh(scores).double().sum())
+
+
+def test_query_mlp_shapes_and_gradients():
+    torch.manual_seed(0)
+    mem = small(query_layers=3)
+    assert [type(m).__name__ for m in mem.query_mlp] == ["Linear", "GELU", "Linear", "GELU"]
+    x = torch.randn(2, 5, 12)
+    assert mem.query(x).shape == (10, 2, 8)
+    mem(x).sum().backward()
+    for m in mem.query_mlp:
+        if isinstance(m, torch.nn.Linear):
+            assert m.weight.grad.abs().sum() > 0
+    assert small(query_layers=1).query_mlp is None
+
+
+def test_layernorm_queries_normalise_each_head_per_token():
+    torch.manual_seed(0)
+    mem = small(query_batchnorm=False, query_layernorm=True)
+    assert isinstance(mem.query_norm, torch.nn.LayerNorm) and mem.query_proj.bias is not None
+    x = torch.randn(9, 12)
+    q = mem.query(x)
+    torch.testing.assert_close(q.mean(-1), torch.zeros(9, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q.var(-1, unbiased=False), torch.ones(9, 2), atol=1e-3, rtol=0)
+    # per token: a token's query does not depend on the rest of the batch (unlike BatchNorm)
+    torch.testing.assert_close(mem.query(x[:1]), q[:1])
+    with pytest.raises(ValueError, match="exclusive"):
+        small(query_layernorm=True)
+
+
+def test_zero_initialised_values_and_their_reinit():
+    torch.manual_seed(0)
+    mem = small(value_init="zero")
+    assert (mem.values.weight == 0).all()
+    x = torch.randn(4, 12)
+    assert (mem(x) == 0).all()
+    mem.values.weight.data.fill_(1.0)
+    mem.reinit_slots(torch.tensor([3, 5]))
+    assert (mem.values.weight[[3, 5]] == 0).all() and (mem.values.weight[4] == 1).all()
+    assert (make_value_table(4, 6, init="zero").weight == 0).all()
+
+
+@pytest.mark.parametrize("init", ["uniform", "normal", "orthogonal"])
+def test_key_init_variants_have_the_same_variance(init):
+    torch.manual_seed(0)
+    half = 16
+    mem = ProductKeyMemory(8, 8, n_keys=64, heads=2, knn=4, k_dim=2 * half, key_init=init)
+    var = 1 / (3 * half)
+    assert abs(mem.keys.var().item() - var) < 0.1 * var
+    if init == "orthogonal":  # n_keys > half: each (head, half) matrix has orthogonal columns of equal norm
+        for m in mem.keys.view(-1, 64, half):
+            gram = m.T @ m
+            torch.testing.assert_close(gram, gram[0, 0] * torch.eye(half), atol=1e-4, rtol=0)
+    if init == "uniform":
+        assert mem.keys.abs().max() <= half**-0.5
+    mask = torch.zeros(2, 2, 64, dtype=torch.bool)
+    mask[0, 1, :32] = True
+    before = mem.keys.detach().clone()
+    mem.reinit_subkeys(mask, torch.Generator().manual_seed(1))
+    assert torch.equal(mem.keys[~mask], before[~mask]) and not torch.equal(mem.keys[mask], before[mask])
+    assert abs(mem.keys[mask].var().item() - var) < 0.3 * var
+
+
+def brute_force_flat(mem, q):
+    keys = mem.keys.to(q.dtype)
+    if mem.qk_norm:
+        q, keys = torch.nn.functional.normalize(q, dim=-1) * mem.k_dim**0.5, torch.nn.functional.normalize(keys, dim=-1)
+    return torch.einsum("nhd,hsd->nhs", q, keys)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_flat_memory_is_exact_top_knn(qk_norm):
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(6, 6, n_keys=12, heads=3, knn=7, k_dim=8, flat=True, qk_norm=qk_norm)
+    assert mem.keys.shape == (3, 144, 8)
+    q = torch.randn(40, 3, 8)
+    with torch.no_grad():
+        scores, indices = mem.lookup(q)
+        full = brute_force_flat(mem, q)
+    torch.testing.assert_close(scores, full.topk(7, dim=-1).values)
+    torch.testing.assert_close(full.gather(-1, indices), scores)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
+    # gradients reach the queries and only the selected keys
+    mem.train()
+    x = torch.randn(5, 6)
+    mem.track_usage()
+    mem(x).sum().backward()
+    touched = mem.keys.grad.abs().sum(-1).nonzero()
+    with torch.no_grad():
+        _, sel = mem.lookup(mem.query(x))
+    expected = {(h, s) for h in range(3) for s in sel[:, h].reshape(-1).tolist()}
+    assert {tuple(t) for t in touched.tolist()} == expected
+    assert mem.usage()["counts"].sum() == 5 * 3 * 7 and (mem.usage()["subkey_counts"] == 0).all()
+    with pytest.raises(ValueError, match="no sub-keys"):
+        mem.reinit_subkeys(torch.zeros(3, 2, 12, dtype=torch.bool))
+
+
+def test_flat_memory_has_a_size_limit():
+    with pytest.raises(ValueError, match="at most 65536"):
+        ProductKeyMemory(6, 6, n_keys=257, heads=1, knn=4, k_dim=8, flat=True)
+
+
+def test_qk_norm_scores_are_scaled_cosines():
+    torch.manual_seed(0)
+    mem = small(qk_norm=True)
+    q = torch.randn(11, 2, 8) * 5
+    with torch.no_grad():
+        scores, indices = mem.lookup(q)
+        qn = torch.nn.functional.normalize(q.view(11, 2, 2, 4), dim=-1) * 2
+        kn = torch.nn.functional.normalize(mem.keys, dim=-1)
+        half = torch.einsum("nhpd,hpkd->nhpk", qn, kn)
+        full = (half[:, :, 0, :, None] + half[:, :, 1, None, :]).flatten(-2)
+    torch.testing.assert_close(scores, full.topk(4, -1).values)
+    assert scores.abs().max() <= 2 * 2 + 1e-5  # two cosines, each scaled by sqrt(k_dim // 2) = 2
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(gated=True, qk_norm=True), dict(learn_keys=False),
+                                dict(query_layers=2, query_batchnorm=False, query_layernorm=True),
+                                dict(key_init="orthogonal", score_temperature=0.5)])
+def test_options_agree_between_compiled_kernels_and_torch(monkeypatch, kw):
+    from pkmlm import kernels
+
+    if not kernels.available():
+        pytest.skip("compiled CPU kernels unavailable")
+    torch.manual_seed(0)
+    mem = small(**kw)
+    ref = copy.deepcopy(mem)
+    x = torch.randn(3, 5, 12)
+    out = mem(x)
+    out.pow(2).sum().backward()
+    monkeypatch.setenv("PKMLM_CPU_KERNELS", "0")
+    ref_out = ref(x)
+    ref_out.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    for (name, p), r in zip(mem.named_parameters(), ref.parameters()):
+        if p.grad is None:
+            assert r.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad.to_dense(), r.grad.to_dense(), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_flat_memory_never_calls_the_compiled_lookup(monkeypatch):
+    from pkmlm import memory
+
+    def boom(*args):
+        raise AssertionError("the compiled product-key lookup was used for a flat memory")
+
+    monkeypatch.setattr(memory._CompiledLookup, "apply", boom)
+    mem = ProductKeyMemory(6, 6, n_keys=8, heads=2, knn=4, k_dim=8, flat=True)
+    mem(torch.randn(4, 6)).sum().backward()
+    with pytest.raises(AssertionError, match="compiled"):
+        small()(torch.randn(4, 12)) if memory.kernels.available() else boom()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(key_init="gaussian"), "key_init"), (dict(value_init="ones"), "value_init"),
+    (dict(score_temperature=0.0), "score_temperature"), (dict(query_layers=0), "query_layers"),
+])
+def test_bad_option_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small(**kwargs)

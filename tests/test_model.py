@@ -175,3 +175,27 @@ def test_bf16_autocast_forward_backward():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     logits.float().logsumexp(-1).mean().backward()
     assert torch.isfinite(model.tok_emb.weight.grad).all()
+
+
+def test_memory_options_reach_every_memory_and_train():
+    from pkmlm.optim import make_optimizers
+
+    options = dict(gated=True, qk_norm=True, learn_keys=False, key_init="orthogonal", score_temperature=0.5,
+                   score_softmax=False, query_layers=2, query_batchnorm=False, query_layernorm=True,
+                   value_init="zero", share_values=True)
+    model = build(small(["0:replace", "2:after"], **options))
+    for _, m in model.memories():
+        assert m.gate_proj is not None and m.qk_norm and not m.keys.requires_grad and m.key_init == "orthogonal"
+        assert m.score_temperature == 0.5 and not m.score_softmax and len(m.query_mlp) == 2
+        assert isinstance(m.query_norm, nn.LayerNorm) and m.value_init == "zero"
+    assert (model.memories()[0][1].values.weight == 0).all()  # the shared table follows value_init
+    opt = make_optimizers(model, lr=1e-2, value_lr=1e-2)
+    idx = tokens()
+    nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    opt.step()
+    assert (model.memories()[0][1].values.weight != 0).any()  # zero values still learn
+
+    flat = build(small(["1:replace"], flat=True))
+    mem = flat.memories()[0][1]
+    assert mem.flat and mem.keys.shape == (2, 64, 8)
+    flat(tokens()).sum().backward()

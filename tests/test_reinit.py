@@ -167,3 +167,26 @@ def test_training_with_reinit_logs_and_resumes_exactly(tmp_path, capsys, random_
     rest = train(config("cut", 5), resume="latest")
     for (name, a), b in zip(whole.model.state_dict().items(), rest.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_frozen_keys_are_not_reinitialised_and_flat_memories_are_refused():
+    def model(**memory):
+        torch.manual_seed(0)
+        config = Config.from_dict({
+            "model": {"n_layers": 2, "d_model": 16, "n_heads": 2, "max_seq_len": 8},
+            "memory": {"positions": ["1:replace"], "n_keys": 16, "heads": 1, "knn": 2, "k_dim": 8, **memory},
+            "data": {"batch_size": 2, "bptt": 8}, "train": {"max_steps": 1}})
+        return TransformerLM(config, 20)
+
+    frozen = model(learn_keys=False)
+    mem = frozen.memories()[0][1]
+    keys, values = mem.keys.detach().clone(), mem.values.weight.detach().clone()
+    reinit = DeadSlotReinit(frozen, make_optimizers(frozen, lr=1e-3, value_lr=1e-3), every=1, min_count=1, seed=0)
+    frozen(torch.randint(0, 20, (1, 4)))  # 4 tokens x 2 slots: most of the 256 slots and 32 sub-keys unused
+    report = reinit.after_step(1)
+    assert report["blocks.1.memory"]["dead_slots"] > 0 and report["blocks.1.memory"]["dead_subkeys"] == 0
+    assert torch.equal(mem.keys, keys) and not torch.equal(mem.values.weight, values)
+
+    flat = model(flat=True)
+    with pytest.raises(ValueError, match="product keys"):
+        DeadSlotReinit(flat, make_optimizers(flat, lr=1e-3, value_lr=1e-3), every=1, min_count=1, seed=0)

@@ -127,6 +127,8 @@ def test_config_checks(data_dir, tmp_path):
         build(values_file=" ")
     with pytest.raises(ConfigError, match="cannot be combined with memory.shard_values"):
         build(shard_values=True)
+    with pytest.raises(ConfigError, match="cannot be combined with memory.value_init=zero"):
+        build(value_init="zero")
     c = config(data_dir, tmp_path, tmp_path / "v").to_dict()
     c["train"]["keep_best"] = True
     with pytest.raises(ConfigError, match="cannot be combined with train.keep_best"):
