@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pkmlm.fileio import atomic_open
+from pkmlm.fileio import atomic_open, fsync_dir
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "config", "model", "optimizers", "step", "rng", "data", "vocab_hash")
@@ -119,7 +119,7 @@ def _write(state: dict, path: Path) -> Path:
         raise ValueError(f"checkpoint state lacks {missing}")
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -168,23 +168,9 @@ def abandon_newer(out_dir: str | os.PathLike, step: int, best_step: int | None) 
     folder.mkdir()
     for p in newer:
         os.replace(p, folder / p.name)
-    _fsync_dir(folder)
-    _fsync_dir(checkpoint_dir(out_dir))
+    fsync_dir(folder)
+    fsync_dir(checkpoint_dir(out_dir))
     return folder, [folder / p.name for p in newer]
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -34,3 +34,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see ``atomic_open``)."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make renames and new files in ``directory`` durable; a no-op where a directory cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
