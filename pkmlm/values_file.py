@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pkmlm.fileio import write_text_atomic
+from pkmlm.fileio import fsync_dir, write_text_atomic
 
 _MAGIC = b"PKMUNDO1"
 _CHUNK_ROWS = 1 << 16  # rows initialised per write when a table is created
@@ -148,7 +148,7 @@ class ValuesFile:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.undo)
-        _fsync_dir(self.undo.parent)
+        fsync_dir(self.undo.parent)
 
     def journal_step(self) -> int:
         """The checkpoint step the journal rolls back to."""
@@ -183,28 +183,29 @@ class ValuesFile:
 
     def restore(self, step: int) -> None:
         """Bring the files to checkpoint `step` (resume, or a fresh run at step 0), then journal from there."""
-        base = self.journal_step()
-        if base > step:
-            raise ValuesFileError(f"memory.values_file={self.path} is at step {base} or later, past the checkpoint "
-                                  f"of step {step}: resume from the newest checkpoint (the files cannot go further back)")
-        if base == step:
-            with torch.no_grad():
-                for rows, table, moments, steps in reversed(list(self._records())):
-                    self.weight.index_copy_(0, rows, table)
-                    self.moments.index_copy_(0, rows, moments)
-                    self.step.index_copy_(0, rows, steps)
+        self._rewind(step, optimizer_state=True,
+                     fix="resume from the newest checkpoint (the files cannot go further back)")
         self.checkpoint(step)
 
     def overlay(self, step: int) -> None:
         """Read-only mapping: show the table as of checkpoint `step` (applies the journal to the private copy)."""
+        self._rewind(step, optimizer_state=False, fix="evaluate the newest checkpoint")
+
+    @torch.no_grad()
+    def _rewind(self, step: int, *, optimizer_state: bool, fix: str) -> None:
+        """Undo the journaled changes made since checkpoint `step`: the table's rows, and with `optimizer_state`
+        their moments and step counts too. ValuesFileError (ending in `fix`) when the files are past `step`."""
         base = self.journal_step()
         if base > step:
             raise ValuesFileError(f"memory.values_file={self.path} is at step {base} or later, past the checkpoint "
-                                  f"of step {step}: evaluate the newest checkpoint")
-        if base == step:
-            with torch.no_grad():
-                for rows, table, _, _ in reversed(list(self._records())):
-                    self.weight.index_copy_(0, rows, table)
+                                  f"of step {step}: {fix}")
+        if base < step:
+            return
+        for rows, table, moments, steps in reversed(list(self._records())):
+            self.weight.index_copy_(0, rows, table)
+            if optimizer_state:
+                self.moments.index_copy_(0, rows, moments)
+                self.step.index_copy_(0, rows, steps)
 
     def before_update(self, rows: Tensor) -> None:
         """Journal (and fsync) the old contents of those `rows` (unique, sorted) not journaled since the checkpoint."""
@@ -315,16 +316,3 @@ def _advise_random(mapped: Tensor) -> None:
     page = os.sysconf("SC_PAGE_SIZE")
     start = mapped.data_ptr() // page * page
     libc.madvise(start, mapped.data_ptr() + mapped.numel() * mapped.element_size() - start, 1)  # MADV_RANDOM
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
