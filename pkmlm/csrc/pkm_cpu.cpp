@@ -43,10 +43,23 @@ inline uint32_t orderable(float value) {
 }
 
 // (value, id) as one integer key: larger value first, then smaller id, under integer comparison.
-inline uint64_t pack(float value, uint32_t id) {
-  return (static_cast<uint64_t>(orderable(value)) << 32) | (0xFFFFFFFFu - id);
+inline uint64_t pack_bits(uint32_t bits, uint32_t id) {  // bits: orderable(value)
+  return (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - id);
 }
+inline uint64_t pack(float value, uint32_t id) { return pack_bits(orderable(value), id); }
 inline uint32_t unpack_id(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key); }
+
+// Appends pack(s[j], j) for every j in [j, n) whose orderable bits are >= bound to out[count..), branch-free;
+// returns the new count. The vector scans finish their rows with it.
+inline int64_t scan_at_least_from(const float* s, int64_t j, int64_t n, uint32_t bound, uint64_t* out,
+                                  int64_t count) {
+  for (; j < n; ++j) {
+    const uint32_t o = orderable(s[j]);
+    out[count] = pack_bits(o, static_cast<uint32_t>(j));
+    count += o >= bound;
+  }
+  return count;
+}
 
 // Compare-exchange without a branch (compiled to conditional moves): afterwards x >= y.
 inline void compare_exchange(uint64_t& x, uint64_t& y) {
@@ -108,7 +121,7 @@ void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, uint32_t* 
     const int64_t m = std::min(G, n - i);
     for (int64_t j = 0; j < m; ++j) group_max[j] = std::max(group_max[j], orderable(s[i + j]));
   }
-  for (int64_t j = 0; j < G; ++j) group_keys[j] = (static_cast<uint64_t>(group_max[j]) << 32) | (0xFFFFFFFFu - j);
+  for (int64_t j = 0; j < G; ++j) group_keys[j] = pack_bits(group_max[j], static_cast<uint32_t>(j));
   std::nth_element(group_keys, group_keys + k - 1, group_keys + G, std::greater<uint64_t>());
   const uint32_t bound = static_cast<uint32_t>(group_keys[k - 1] >> 32);  // its value part: ties with it stay in
   int64_t count = 0;
@@ -164,15 +177,10 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
     while (m) {
       const int64_t i = j + __builtin_ctz(m);
       m &= m - 1;
-      out[count++] = (static_cast<uint64_t>(orderable(s[i])) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+      out[count++] = pack(s[i], static_cast<uint32_t>(i));
     }
   }
-  for (; j < n; ++j) {
-    const uint32_t o = orderable(s[j]);
-    out[count] = (static_cast<uint64_t>(o) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
-    count += o >= bound;
-  }
-  return count;
+  return scan_at_least_from(s, j, n, bound, out, count);
 }
 #include "pkm_topk_simd.h"
 }  // namespace simd_avx2
@@ -208,15 +216,10 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
     while (m) {
       const int64_t i = j + __builtin_ctz(m);
       m &= m - 1;
-      out[count++] = (static_cast<uint64_t>(orderable(s[i])) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+      out[count++] = pack(s[i], static_cast<uint32_t>(i));
     }
   }
-  for (; j < n; ++j) {
-    const uint32_t o = orderable(s[j]);
-    out[count] = (static_cast<uint64_t>(o) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
-    count += o >= bound;
-  }
-  return count;
+  return scan_at_least_from(s, j, n, bound, out, count);
 }
 #include "pkm_topk_simd.h"
 }  // namespace simd_avx512

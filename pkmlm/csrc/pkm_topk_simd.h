@@ -108,7 +108,7 @@ inline void topk_row(const float* s, int64_t n, int64_t k, uint32_t* group_max, 
   const int64_t W = registers_for(k) * kLanes, G = 4 * W;
   if (n <= 2 * G) {
     for (int64_t j = 0; j < n; ++j)
-      keys[j] = (static_cast<uint64_t>(orderable(s[j])) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+      keys[j] = pack(s[j], static_cast<uint32_t>(j));
     return top_keys(keys, n, k);
   }
   for (int64_t j = 0; j < G; ++j) group_max[j] = orderable(s[j]);
@@ -120,7 +120,7 @@ inline void topk_row(const float* s, int64_t n, int64_t k, uint32_t* group_max, 
     }
   }
   for (int64_t j = 0; j < G; ++j)
-    keys[j] = (static_cast<uint64_t>(group_max[j]) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+    keys[j] = pack_bits(group_max[j], static_cast<uint32_t>(j));
   top_keys(keys, G, k);
   const uint32_t bound = static_cast<uint32_t>(keys[k - 1] >> 32);
   top_keys(keys, scan_at_least(s, n, bound, keys), k);
