@@ -29,6 +29,22 @@ def write_random_corpus(root: Path, splits: dict[str, tuple[int, int]], *, vocab
     return Path(root)
 
 
+def write_learnable_corpus(root: Path, *, vocab: int, seed: int) -> Path:
+    """A train (160 documents) and valid (20) split with something to learn: each 50-token document counts up by
+    3 from a random start, modulo the vocabulary (ids 1..vocab-1; eos 0). Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for split, docs in (("train", 160), ("valid", 20)):
+        write_split(Path(root) / split, [((rng.integers(1, vocab) + 3 * np.arange(50)) % (vocab - 1) + 1).tolist()
+                                         for _ in range(docs)], vocab_size=vocab, vocab_hash="test-vocab", eos_id=0)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def learnable_corpus():
+    """The ``write_learnable_corpus`` factory: ``learnable_corpus(root, vocab=..., seed=...)``."""
+    return write_learnable_corpus
+
+
 @pytest.fixture(scope="session")
 def random_corpus():
     """The ``write_random_corpus`` factory: ``random_corpus(root, {"train": (docs, length)}, vocab=..., ...)``."""

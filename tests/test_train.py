@@ -153,14 +153,9 @@ def test_autocast_trains_on_cpu_close_to_fp32(precision, data_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def learnable_dir(tmp_path_factory):
+def learnable_dir(tmp_path_factory, learnable_corpus):
     """A corpus with something to learn: each document counts up by a fixed stride (mod the vocabulary)."""
-    root = tmp_path_factory.mktemp("learnable")
-    rng = np.random.default_rng(1)
-    for split, docs in (("train", 160), ("valid", 20)):
-        write_split(root / split, [((rng.integers(1, VOCAB) + 3 * np.arange(50)) % (VOCAB - 1) + 1).tolist()
-                                   for _ in range(docs)], vocab_size=VOCAB, vocab_hash="test-vocab", eos_id=0)
-    return root
+    return learnable_corpus(tmp_path_factory.mktemp("learnable"), vocab=VOCAB, seed=1)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

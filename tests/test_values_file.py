@@ -2,14 +2,12 @@
 
 import hashlib
 
-import numpy as np
 import pytest
 import torch
 
 from pkmlm import checkpoint as ckpt
 from pkmlm.checkpoint import list_checkpoints, load_checkpoint
 from pkmlm.config import Config, ConfigError
-from pkmlm.data.shards import write_split
 from pkmlm.evaluation import load_model
 from pkmlm.trainer import train
 from pkmlm.values_file import ValuesFile, ValuesFileError
@@ -18,13 +16,8 @@ VOCAB = 64
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, docs in (("train", 160), ("valid", 20)):
-        write_split(root / split, [((rng.integers(1, VOCAB) + 3 * np.arange(50)) % (VOCAB - 1) + 1).tolist()
-                                   for _ in range(docs)], vocab_size=VOCAB, vocab_hash="test-vocab", eos_id=0)
-    return root
+def data_dir(tmp_path_factory, learnable_corpus):
+    return learnable_corpus(tmp_path_factory.mktemp("data"), vocab=VOCAB, seed=0)
 
 
 def config(data_dir, out_dir, values_file, **train_settings):
