@@ -19,7 +19,14 @@ Beyond these five, rows for Memory+ (Berges et al. 2024) and for the papers' abl
 groups `memory_plus`, `sweep` (heads 1/2/4/8, knn 16/32/64, 64^2/128^2/256^2 slots, memory in block 0/2/3) and
 `ablations` (frozen keys, key inits, temperature, no softmax, query MLP, LayerNorm queries, zero values, flat
 memory, re-initialisation). `--models` takes keys and group names (`--models sweep,a`); with sweep rows the
-report gets a second plot (`--sweep-plot`) of validation perplexity along each swept axis.
+report gets a second plot (`--sweep-plot`) of test perplexity along each swept axis.
+
+The headline needs a regime where 2L beats L: at L=4 it does not on BBC (b is worse than a at 400 and 1,000
+steps), so group `headline` checks it one size down, at 1,000 steps: l2 (L=2), a (2L=4), l2_pkm and
+l2_memplus (L=2 with a memory or Memory+ in block 1), with b and c for the L=4 comparison:
+
+    python bench/quality.py --models headline --steps 1000 --out runs/h --report docs/quality_headline.md \
+        --plot docs/quality_headline.png
 
 Runs go to --out (default runs/quality/<model>); a finished run is not trained again and an interrupted one
 resumes from its last checkpoint (delete a run's folder to retrain it).
@@ -102,9 +109,19 @@ MODELS = (
     _variant("flat64", ("memory.flat=true", "memory.n_keys=64"), "flat exact memory, 64^2 slots (vs keys64)",
              "ablations"),
     _variant("reinit", ("memory.reinit_every=50",), "c with dead-slot re-initialisation every 50 steps", "ablations"),
+    # The headline where it means something: at L=4 the 2L=8 model is worse than L (rows a, b), so the claim is
+    # checked one size down, L=2 against 2L=4 (row a itself), with the memory in the upper block.
+    Model("l2", "tiny_l2", "configs/tiny.yaml", ("model.n_layers=2",), "L=2 layers", "headline"),
+    Model("l2_pkm", "tiny_l2_pkm", PKM, ("model.n_layers=2", "memory.positions=[1:replace]"),
+          "L=2, memory replaces the FFN of block 1", "headline"),
+    Model("l2_memplus", "tiny_l2_memplus", PKM,
+          ("model.n_layers=2", "memory.positions=[1:replace]", "memory.gated=true"),
+          "L=2, Memory+ (gated) replaces the FFN of block 1", "headline"),
 )
 GROUPS = {group: [m.key for m in MODELS if m.group == group]
-          for group in ("paper", "memory_plus", "sweep", "ablations")}
+          for group in ("paper", "memory_plus", "sweep", "ablations", "headline")}
+GROUPS["headline"][1:1] = ["a"]  # 2L=4 for the L=2 rows
+GROUPS["headline"] += ["b", "c"]  # the same budget at L=4: 2L=8 and L=4 + memory
 assert not GROUPS.keys() & {m.key for m in MODELS}, "a group name must not be a model key"
 # The sweep's reference point: c's value on each axis.
 BASELINE_AXES = {"heads": (4, "4"), "knn": (32, "32"), "slots": (128, "128²"), "position": (2, "middle (2)")}
@@ -117,7 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per model (same token budget)")
     parser.add_argument("--eval-every", type=int, default=100, help="validation interval, in steps")
     parser.add_argument("--models", default="a,b,c,d,e",
-                        help="comma-separated model keys and group names (paper, memory_plus, sweep, ablations)")
+                        help="comma-separated model keys and group names (paper, memory_plus, sweep, ablations, "
+                             "headline)")
     parser.add_argument("--report", type=Path, help="markdown report (default OUT/report.md)")
     parser.add_argument("--plot", type=Path, help="PNG plot, best beside the report (default OUT/plot.png)")
     parser.add_argument("--sweep-plot", type=Path, help="PNG plot of the sweeps (default OUT/sweep.png)")

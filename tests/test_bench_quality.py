@@ -19,7 +19,7 @@ def test_quality_bench_trains_evaluates_and_reports(tmp_path, random_corpus):
                   vocab_hash="bench-vocab", eos_id=1)
     out = tmp_path / "runs"
     cmd = [sys.executable, "bench/quality.py", "--data-dir", str(tmp_path / "data"), "--out", str(out),
-           "--steps", "2", "--eval-every", "1", "--models", "a,e,heads1", *TINY]
+           "--steps", "2", "--eval-every", "1", "--models", "a,e,heads1,l2_pkm", *TINY]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (out / "report.md").read_text()
@@ -32,6 +32,9 @@ def test_quality_bench_trains_evaluates_and_reports(tmp_path, random_corpus):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "sweep.png").exists() and "sweep.png" in report
     assert "heads: 1" in (out / "tiny_pkm_heads1" / "config.yaml").read_text()
+    # The headline's L=2 memory row: two layers (over TINY's three), the memory in the upper block.
+    l2 = (out / "tiny_l2_pkm" / "config.yaml").read_text()
+    assert "n_layers: 2" in l2 and "1:replace" in l2 and "| l2_pkm: tiny_l2_pkm |" in report
     # The usage diagnosis reads the memory run's checkpoint; its numbers are fractions that bound each other.
     diag = subprocess.run([sys.executable, "bench/usage.py", str(out / "tiny_pkm_no_bn"), "--report",
                            str(tmp_path / "usage.md")], cwd=ROOT, capture_output=True, text=True, timeout=300)
