@@ -136,6 +136,11 @@ void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, uint32_t* 
   top_keys(keys, count, k, width);
 }
 
+// Per-row constants of a RowAdam update (see row_adam_).
+struct AdamConstants {
+  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias2_sqrt;
+};
+
 // ---- vectorised selection: one copy of pkm_topk_simd.h per instruction set, chosen at run time ----
 // Each copy is compiled for (at least) its own set, whatever -march says, and used only where
 // __builtin_cpu_supports finds it; a test forces every path the CPU has (select_simd) and compares
@@ -143,10 +148,10 @@ void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, uint32_t* 
 
 #ifdef PKMLM_X86_SIMD
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #endif
 namespace simd_avx2 {
 using V = __m256i;
@@ -183,14 +188,26 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
   return scan_at_least_from(s, j, n, bound, out, count);
 }
 #include "pkm_topk_simd.h"
+using F = __m256;
+constexpr int kFloatLanes = 8;
+inline F fload(const float* p) { return _mm256_loadu_ps(p); }
+inline void fstore(float* p, F x) { _mm256_storeu_ps(p, x); }
+inline F fset1(float x) { return _mm256_set1_ps(x); }
+inline F fadd(F a, F b) { return _mm256_add_ps(a, b); }
+inline F fsub(F a, F b) { return _mm256_sub_ps(a, b); }
+inline F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+inline F fdiv(F a, F b) { return _mm256_div_ps(a, b); }
+inline F fsqrt(F a) { return _mm256_sqrt_ps(a); }
+inline F ffma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+#include "pkm_adam_simd.h"
 }  // namespace simd_avx2
 #if defined(__clang__)
 #pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx2,avx512f"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,avx512f"))), apply_to = function)
 #else
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx2,avx512f")
+#pragma GCC target("avx2,fma,avx512f")
 #endif
 namespace simd_avx512 {
 using V = __m512i;
@@ -222,6 +239,18 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
   return scan_at_least_from(s, j, n, bound, out, count);
 }
 #include "pkm_topk_simd.h"
+using F = __m512;
+constexpr int kFloatLanes = 16;
+inline F fload(const float* p) { return _mm512_loadu_ps(p); }
+inline void fstore(float* p, F x) { _mm512_storeu_ps(p, x); }
+inline F fset1(float x) { return _mm512_set1_ps(x); }
+inline F fadd(F a, F b) { return _mm512_add_ps(a, b); }
+inline F fsub(F a, F b) { return _mm512_sub_ps(a, b); }
+inline F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+inline F fdiv(F a, F b) { return _mm512_div_ps(a, b); }
+inline F fsqrt(F a) { return _mm512_sqrt_ps(a); }
+inline F ffma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+#include "pkm_adam_simd.h"
 }  // namespace simd_avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -230,13 +259,14 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
 #endif
 #endif  // PKMLM_X86_SIMD
 
-// Selection paths: 0 scalar, 1 AVX2, 2 AVX-512 (x86 only). The best one the CPU has by default.
+// Vector paths (the top-k selection and RowAdam's row update): 0 scalar, 1 AVX2 (+FMA), 2 AVX-512 (x86
+// only). The best one the CPU has by default.
 const char* const kSimdNames[] = {"scalar", "avx2", "avx512"};
 
 bool simd_supported(int path) {
 #ifdef PKMLM_X86_SIMD
-  if (path == 1) return __builtin_cpu_supports("avx2");
-  if (path == 2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f");
+  if (path == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (path == 2) return simd_supported(1) && __builtin_cpu_supports("avx512f");
 #endif
   return path == 0;
 }
@@ -484,9 +514,32 @@ Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const T
   return result;
 }
 
+// One RowAdam update of a row of n floats: the arithmetic of pkmlm.optim.RowAdam._update_rows with
+// each multiply-add that feeds a sum rounded once (as the vector paths do, pkm_adam_simd.h).
+void adam_row_scalar(float* w, float* m, float* v, const float* g, int64_t n, const AdamConstants& c) {
+  for (int64_t d = 0; d < n; ++d) {
+    const float mean = std::fma(g[d] - m[d], c.one_minus_beta1, m[d]);
+    const float var = std::fma(v[d], c.beta2, c.one_minus_beta2 * g[d] * g[d]);
+    m[d] = mean;
+    v[d] = var;
+    w[d] = std::fma(mean / (std::sqrt(var) / c.bias2_sqrt + c.eps), -c.step_size, w[d]);
+  }
+}
+
+using AdamRow = void (*)(float*, float*, float*, const float*, int64_t, const AdamConstants&);
+
+AdamRow adam_row_for(int path) {
+#ifdef PKMLM_X86_SIMD
+  if (path == 2) return simd_avx512::adam_row;
+  if (path == 1) return simd_avx2::adam_row;
+#endif
+  return adam_row_scalar;
+}
+
 // One lazy Adam step of the unique `rows` of weight (S, D): moments (S, 2, D) hold Adam's first and
 // second moments, step (S,) each row's step count; grads (R, D) the rows' summed gradients.
-// Same arithmetic as pkmlm.optim.RowAdam's torch path, in one read and one write of each row.
+// Same arithmetic as pkmlm.optim.RowAdam's torch path, in one read and one write of each row, the
+// row's arithmetic by the selected vector path (select_simd).
 void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, const Tensor& grads, double lr,
                double beta1, double beta2, double eps) {
   check_float_contiguous(weight, "weight", 2);
@@ -504,9 +557,11 @@ void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, c
   int64_t* st = step.data_ptr<int64_t>();
   const int64_t* rp = rows.data_ptr<int64_t>();
   const float* gp = grads.data_ptr<float>();
-  const float one_minus_beta1 = static_cast<float>(1 - beta1), b2 = static_cast<float>(beta2),
-              one_minus_beta2 = static_cast<float>(1 - beta2), epsf = static_cast<float>(eps);
+  const AdamRow adam_row = adam_row_for(g_simd.load());
+  AdamConstants c{static_cast<float>(1 - beta1), static_cast<float>(beta2), static_cast<float>(1 - beta2),
+                  static_cast<float>(eps), 0.f, 0.f};
   at::parallel_for(0, R, 64, [&](int64_t first, int64_t last) {
+    AdamConstants row = c;
     for (int64_t i = first; i < last; ++i) {
       const int64_t r = rp[i];
       if (i + 1 < last) {  // the next row's weights and moments: sorted but far apart
@@ -516,19 +571,10 @@ void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, c
         for (int64_t b = 0; b < D * 8; b += 64) __builtin_prefetch(nm + b, 1);
       }
       const int64_t t = ++st[r];
-      const float step_size = static_cast<float>(lr / (1 - std::pow(beta1, static_cast<double>(t))));
-      const float bias2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, static_cast<double>(t))));
-      float* wr = w + r * D;
+      row.step_size = static_cast<float>(lr / (1 - std::pow(beta1, static_cast<double>(t))));
+      row.bias2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, static_cast<double>(t))));
       float* mr = m + r * 2 * D;
-      float* vr = mr + D;
-      const float* g = gp + i * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float mean = mr[d] + one_minus_beta1 * (g[d] - mr[d]);
-        const float var = vr[d] * b2 + one_minus_beta2 * g[d] * g[d];
-        mr[d] = mean;
-        vr[d] = var;
-        wr[d] -= mean / (std::sqrt(var) / bias2_sqrt + epsf) * step_size;
-      }
+      adam_row(w + r * D, mr, mr + D, gp + i * D, D, row);
     }
   });
 }
