@@ -23,8 +23,9 @@ from pkmlm import kernels
 from pkmlm import memory as memory_mod
 from pkmlm.memory import ProductKeyMemory, _weighted_read
 from pkmlm.optim import RowAdam
+from pkmlm.sparse import row_sparse_grad
 
-OPS = ("pkm_lookup", "pkm_lookup_backward", "bag_weights_backward", "row_adam_")
+OPS = ("pkm_lookup", "pkm_lookup_backward", "bag_weights_backward", "row_sparse_grad", "row_adam_")
 
 
 @pytest.fixture
@@ -175,9 +176,10 @@ def test_memory_forward_backward_kernel_matches_torch(monkeypatch, kernel_calls)
 
     out_k = run(monkeypatch, True, lambda: step(mem_k))
     assert {name: kernel_calls[name] for name in OPS} == {
-        "pkm_lookup": 1, "pkm_lookup_backward": 1, "bag_weights_backward": 1, "row_adam_": 0}
+        "pkm_lookup": 1, "pkm_lookup_backward": 1, "bag_weights_backward": 1, "row_sparse_grad": 1, "row_adam_": 0}
     out_t = run(monkeypatch, False, lambda: step(mem_t))
     assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["bag_weights_backward"] == 1
+    assert kernel_calls["row_sparse_grad"] == 1
     torch.testing.assert_close(out_k, out_t, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mem_k.query_norm.running_mean, mem_t.query_norm.running_mean)
     torch.testing.assert_close(mem_k.query_norm.running_var, mem_t.query_norm.running_var)
@@ -230,6 +232,42 @@ def test_bag_weights_grad_kernel_matches_torch_and_reference(monkeypatch, kernel
     torch.testing.assert_close(run(monkeypatch, True, lambda: weights_grad(grad_out, view, indices)).double(),
                                ref2, atol=1e-5, rtol=1e-4)
     assert kernel_calls["bag_weights_backward"] == 2
+
+
+# (tokens, reads per token, table rows, row size): one row read by everyone, a table of 2**31 rows (the
+# kernel's limit; counting-sort buckets on the high bits), rows shorter and longer than a vector, no tokens.
+ROW_GRAD_CASES = [(300, 24, 1, 5), (200, 32, 2**31, 3), (500, 64, 5000, 37), (64, 128, 1 << 20, 256), (0, 8, 10, 4)]
+
+
+@pytest.mark.parametrize("n,r,rows,dim", ROW_GRAD_CASES)
+def test_row_sparse_grad_kernel_matches_torch_and_float64(monkeypatch, kernel_calls, n, r, rows, dim):
+    """The table's row-sparse gradient: the same sorted distinct rows as the torch path, each the sum of its
+    reads' weighted output gradients (float64 reference), marked coalesced; the same bits at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(n + rows)
+    slots = torch.randint(0, rows, (n, r), generator=g)
+    if n:
+        slots[: n // 3, : r // 2] = rows - 1  # many reads of one row, and the largest id
+    weights, grad_out = torch.rand(n, r, generator=g), torch.randn(n, dim, generator=g)
+    grad_k = run(monkeypatch, True, lambda: row_sparse_grad(slots, weights, grad_out, (rows, dim)))
+    assert kernel_calls["row_sparse_grad"] == 1
+    grad_t = run(monkeypatch, False, lambda: row_sparse_grad(slots, weights, grad_out, (rows, dim)))
+    assert kernel_calls["row_sparse_grad"] == 1
+    assert grad_k.is_coalesced() and grad_k.shape == (rows, dim)
+    assert torch.equal(grad_k._indices(), grad_t._indices())
+    assert torch.equal(grad_k._indices()[0], slots.unique())
+    ref = torch.zeros(grad_k._nnz(), dim, dtype=torch.float64)
+    ref.index_add_(0, torch.searchsorted(slots.unique(), slots.reshape(-1)),
+                   weights.reshape(-1, 1).double() * grad_out.double().repeat_interleave(r, 0))
+    # float32 sums of up to ~5,000 terms (the row everyone reads)
+    torch.testing.assert_close(grad_k._values().double(), ref, atol=2e-3, rtol=1e-5)
+    torch.testing.assert_close(grad_t._values().double(), ref, atol=2e-3, rtol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = torch.ops.pkmlm.row_sparse_grad(slots, weights, grad_out, rows)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread[1], grad_k._values())
 
 
 def _row_adam_run(monkeypatch, use_kernels, start, steps, shape, lr=0.05, betas=(0.8, 0.95), eps=1e-6):

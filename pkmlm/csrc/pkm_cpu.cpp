@@ -514,6 +514,100 @@ Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const T
   return result;
 }
 
+// The value table's gradient of out[n] = sum_r weights[n, r] * table[slots[n, r]] (pkmlm.sparse.row_sparse_grad):
+// the distinct slots read, increasing (U,) int64, and one summed gradient row each (U, D): the sum of
+// weights[n, r] * grad_out[n] over the reads (n, r) of that slot, in increasing n * R + r.
+// The reads are sorted by a counting sort on the slots' high bits (stable, per thread chunk) and a sort of each
+// bucket's few (slot, read) keys; each bucket's rows are then summed straight into the output.
+std::tuple<Tensor, Tensor> row_sparse_grad(const Tensor& slots, const Tensor& weights, const Tensor& grad_out,
+                                           int64_t num_rows) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2,
+              "slots must be a contiguous int64 (N, reads) tensor");
+  check_float_contiguous(weights, "weights", 2);
+  check_float_contiguous(grad_out, "grad_out", 2);
+  const int64_t N = slots.size(0), R = slots.size(1), D = grad_out.size(1), E = N * R;
+  TORCH_CHECK(weights.size(0) == N && weights.size(1) == R && grad_out.size(0) == N,
+              "slots, weights and grad_out do not match");
+  TORCH_CHECK(num_rows > 0 && num_rows <= (int64_t{1} << 31) && E < (int64_t{1} << 32),
+              "row_sparse_grad: at most 2**31 rows and 2**32 reads");
+  check_ids(slots, num_rows, "slots");
+  int bits = 0;  // slots fit in `bits` bits
+  while ((int64_t{1} << bits) < num_rows) ++bits;
+  int bucket_bits = 0;  // about 32 reads per bucket
+  while (bucket_bits < bits && (int64_t{32} << (bucket_bits + 1)) <= E) ++bucket_bits;
+  const int shift = bits - bucket_bits;
+  const int64_t B = int64_t{1} << bucket_bits;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E / 16384));
+  const int64_t chunk = (E + chunks - 1) / std::max<int64_t>(chunks, 1);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  // Counting sort into buckets: counts per (chunk, bucket), then bucket-major offsets, so each bucket
+  // holds its reads in increasing order.
+  std::vector<int64_t> offset(chunks * B, 0), bucket_start(B + 1, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int64_t* count = offset.data() + c * B;
+      for (int64_t e = c * chunk, end = std::min(E, e + chunk); e < end; ++e) ++count[sl[e] >> shift];
+    }
+  });
+  int64_t running = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    bucket_start[b] = running;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n = offset[c * B + b];
+      offset[c * B + b] = running;
+      running += n;
+    }
+  }
+  bucket_start[B] = running;
+  std::vector<uint64_t> keys(E);  // (slot << 32) | read
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int64_t* next = offset.data() + c * B;
+      for (int64_t e = c * chunk, end = std::min(E, e + chunk); e < end; ++e)
+        keys[next[sl[e] >> shift]++] = (static_cast<uint64_t>(sl[e]) << 32) | static_cast<uint64_t>(e);
+    }
+  });
+  std::vector<int64_t> row_start(B + 1, 0);  // distinct slots before each bucket
+  at::parallel_for(0, B, 64, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      uint64_t* k = keys.data() + bucket_start[b];
+      const int64_t n = bucket_start[b + 1] - bucket_start[b];
+      std::sort(k, k + n);
+      int64_t distinct = 0;
+      for (int64_t i = 0; i < n; ++i) distinct += i == 0 || (k[i] >> 32) != (k[i - 1] >> 32);
+      row_start[b + 1] = distinct;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) row_start[b + 1] += row_start[b];
+  const int64_t U = row_start[B];
+  Tensor rows = at::empty({U}, slots.options());
+  Tensor grads = at::empty({U, D}, grad_out.options());
+  int64_t* rp = rows.data_ptr<int64_t>();
+  float* gp = grads.data_ptr<float>();
+  const float* go = grad_out.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  at::parallel_for(0, B, 64, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      int64_t u = row_start[b] - 1;
+      float* dst = nullptr;
+      for (int64_t i = bucket_start[b]; i < bucket_start[b + 1]; ++i) {
+        const uint64_t key = keys[i];
+        const int64_t slot = static_cast<int64_t>(key >> 32), e = static_cast<int64_t>(key & 0xFFFFFFFFu);
+        const float w = wp[e];
+        const float* x = go + (e / R) * D;
+        if (u < row_start[b] || rp[u] != slot) {  // a new slot: its first read
+          rp[++u] = slot;
+          dst = gp + u * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = w * x[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) dst[d] = std::fma(w, x[d], dst[d]);
+        }
+      }
+    }
+  });
+  return {rows, grads};
+}
+
 // One RowAdam update of a row of n floats: the arithmetic of pkmlm.optim.RowAdam._update_rows with
 // each multiply-add that feeds a sum rounded once (as the vector paths do, pkm_adam_simd.h).
 void adam_row_scalar(float* w, float* m, float* v, const float* g, int64_t n, const AdamConstants& c) {
@@ -585,6 +679,7 @@ TORCH_LIBRARY(pkmlm, m) {
   m.def("pkm_lookup(Tensor q, Tensor keys, int knn, bool with_subkeys) -> (Tensor, Tensor, Tensor)");
   m.def("pkm_lookup_backward(Tensor grad_scores, Tensor slots, Tensor q, Tensor keys) -> (Tensor, Tensor)");
   m.def("bag_weights_backward(Tensor grad_out, Tensor table, Tensor slots) -> Tensor");
+  m.def("row_sparse_grad(Tensor slots, Tensor weights, Tensor grad_out, int num_rows) -> (Tensor, Tensor)");
   m.def("simd_paths() -> str[]", &simd_paths);  // no tensor arguments: one kernel for every device
   m.def("select_simd(str name) -> str", &select_simd);
   m.def("row_adam_(Tensor(a!) weight, Tensor(b!) moments, Tensor(c!) step, Tensor rows, Tensor grads, float lr, "
@@ -595,5 +690,6 @@ TORCH_LIBRARY_IMPL(pkmlm, CPU, m) {
   m.impl("pkm_lookup", &pkm_lookup);
   m.impl("pkm_lookup_backward", &pkm_lookup_backward);
   m.impl("bag_weights_backward", &bag_weights_backward);
+  m.impl("row_sparse_grad", &row_sparse_grad);
   m.impl("row_adam_", &row_adam_);
 }
