@@ -516,7 +516,7 @@ Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const T
 
 // Writes a finished row of n floats to dst without reading dst's lines first (streaming stores, where the
 // row is 32-byte aligned and the CPU has AVX): the row-sparse gradient is written once and read later.
-// 256-bit stores: 512-bit streaming stores measured 4x slower here (docs/benchmarks.md).
+// 256-bit stores: 512-bit ones measured no faster.
 inline void stream_row(float* dst, const float* src, int64_t n) {
 #if defined(PKMLM_X86_SIMD) && defined(__AVX__)
   if (reinterpret_cast<uintptr_t>(dst) % 32 == 0 && n % 8 == 0) {
