@@ -478,6 +478,14 @@ std::tuple<Tensor, Tensor> pkm_lookup_backward(const Tensor& grad_scores, const 
   return {grad_q, grad_keys};
 }
 
+// x . y over n floats (one summation order for bag_weights_backward and sparse_read_backward).
+inline float dot(const float* x, const float* y, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += x[d] * y[d];
+  return acc;
+}
+
 // d(out[n]) / d(weights[n, r]) where out[n] = sum_r weights[n, r] * table[slots[n, r]]:
 // grad_weights[n, r] = grad_out[n] . table[slots[n, r]].
 Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const Tensor& slots) {
@@ -503,11 +511,7 @@ Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const T
           const char* ahead = reinterpret_cast<const char*>(tp + sl[n * R + r + kAhead] * D);
           for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(ahead + b);
         }
-        const float* row = tp + sl[n * R + r] * D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += x[d] * row[d];
-        out[n * R + r] = acc;
+        out[n * R + r] = dot(x, tp + sl[n * R + r] * D, D);
       }
     }
   });
@@ -539,8 +543,11 @@ inline void stream_fence() {
 // weights[n, r] * grad_out[n] over the reads (n, r) of that slot, in increasing n * R + r.
 // The reads are sorted by a counting sort on the slots' high bits (stable, per thread chunk) and a sort of each
 // bucket's few (slot, read) keys; each bucket's rows are then summed straight into the output.
-std::tuple<Tensor, Tensor> row_sparse_grad(const Tensor& slots, const Tensor& weights, const Tensor& grad_out,
-                                           int64_t num_rows) {
+// With a table (sparse_read_backward), the same pass also gives the weights' gradient,
+// grad_weights[n, r] = grad_out[n] . table[slots[n, r]] (as bag_weights_backward), reading each table row once
+// and in slot order.
+std::tuple<Tensor, Tensor, Tensor> sorted_read_grads(const Tensor& slots, const Tensor& weights,
+                                                     const Tensor& grad_out, int64_t num_rows, const Tensor* table) {
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2,
               "slots must be a contiguous int64 (N, reads) tensor");
   check_float_contiguous(weights, "weights", 2);
@@ -606,6 +613,10 @@ std::tuple<Tensor, Tensor> row_sparse_grad(const Tensor& slots, const Tensor& we
   float* gp = grads.data_ptr<float>();
   const float* go = grad_out.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
+  Tensor grad_weights = table ? at::empty({N, R}, grad_out.options()) : Tensor();
+  const float* tp = table ? table->data_ptr<float>() : nullptr;
+  float* gw = table ? grad_weights.data_ptr<float>() : nullptr;
+  constexpr int64_t kAhead = 4;  // table rows prefetched ahead, in read order
   at::parallel_for(0, B, 64, [&](int64_t first, int64_t last) {
     std::vector<float> sum(D);  // the row being summed stays in cache; the output is only written
     float* acc = sum.data();
@@ -619,6 +630,13 @@ std::tuple<Tensor, Tensor> row_sparse_grad(const Tensor& slots, const Tensor& we
           const int64_t e = static_cast<int64_t>(keys[i] & 0xFFFFFFFFu);
           const float w = wp[e];
           const float* x = go + (e / R) * D;
+          if (tp) {
+            if (i + kAhead < end) {
+              const char* ahead = reinterpret_cast<const char*>(tp + static_cast<int64_t>(keys[i + kAhead] >> 32) * D);
+              for (int64_t off = 0; off < D * 4; off += 64) __builtin_prefetch(ahead + off);
+            }
+            gw[e] = dot(x, tp + static_cast<int64_t>(slot) * D, D);
+          }
           if (i == first_read) {
             for (int64_t d = 0; d < D; ++d) acc[d] = w * x[d];
           } else {
@@ -632,7 +650,22 @@ std::tuple<Tensor, Tensor> row_sparse_grad(const Tensor& slots, const Tensor& we
     }
     stream_fence();
   });
+  return {rows, grads, grad_weights};
+}
+
+std::tuple<Tensor, Tensor> row_sparse_grad(const Tensor& slots, const Tensor& weights, const Tensor& grad_out,
+                                           int64_t num_rows) {
+  auto [rows, grads, unused] = sorted_read_grads(slots, weights, grad_out, num_rows, nullptr);
   return {rows, grads};
+}
+
+// Both gradients of out[n] = sum_r weights[n, r] * table[slots[n, r]] in one pass (sorted_read_grads):
+// the table's row-sparse one (rows, row gradients) and the weights' (N, R).
+std::tuple<Tensor, Tensor, Tensor> sparse_read_backward(const Tensor& grad_out, const Tensor& table, const Tensor& slots,
+                                                        const Tensor& weights) {
+  check_float_contiguous(table, "table", 2);
+  TORCH_CHECK(table.size(1) == grad_out.size(-1), "grad_out and table rows differ in size");
+  return sorted_read_grads(slots, weights, grad_out, table.size(0), &table);
 }
 
 // One RowAdam update of a row of n floats: the arithmetic of pkmlm.optim.RowAdam._update_rows with
@@ -707,6 +740,7 @@ TORCH_LIBRARY(pkmlm, m) {
   m.def("pkm_lookup_backward(Tensor grad_scores, Tensor slots, Tensor q, Tensor keys) -> (Tensor, Tensor)");
   m.def("bag_weights_backward(Tensor grad_out, Tensor table, Tensor slots) -> Tensor");
   m.def("row_sparse_grad(Tensor slots, Tensor weights, Tensor grad_out, int num_rows) -> (Tensor, Tensor)");
+  m.def("sparse_read_backward(Tensor grad_out, Tensor table, Tensor slots, Tensor weights) -> (Tensor, Tensor, Tensor)");
   m.def("simd_paths() -> str[]", &simd_paths);  // no tensor arguments: one kernel for every device
   m.def("select_simd(str name) -> str", &select_simd);
   m.def("row_adam_(Tensor(a!) weight, Tensor(b!) moments, Tensor(c!) step, Tensor rows, Tensor grads, float lr, "
@@ -718,5 +752,6 @@ TORCH_LIBRARY_IMPL(pkmlm, CPU, m) {
   m.impl("pkm_lookup_backward", &pkm_lookup_backward);
   m.impl("bag_weights_backward", &bag_weights_backward);
   m.impl("row_sparse_grad", &row_sparse_grad);
+  m.impl("sparse_read_backward", &sparse_read_backward);
   m.impl("row_adam_", &row_adam_);
 }
