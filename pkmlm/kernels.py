@@ -7,8 +7,9 @@ passes over each touched value row. The kernels do the same arithmetic with far 
 docs/benchmarks.md). They are built on first use with `torch.utils.cpp_extension` (a C++ compiler
 and ninja; about 15 s, once per machine, cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`).
 
-The lookup's top-k selection has AVX-512, AVX2 and scalar versions (pkm_topk_simd.h); the best one
-the CPU reports (`__builtin_cpu_supports`) is used, and all return identical results (`simd_path()`).
+The lookup's top-k selection and RowAdam's row update have AVX-512, AVX2 and scalar versions
+(pkm_topk_simd.h, pkm_adam_simd.h); the best one the CPU reports (`__builtin_cpu_supports`) is used,
+and all return identical results (`simd_path()`).
 
 Everything else — other devices, other dtypes, or when the kernels cannot be built or are switched
 off — runs pkmlm's pure-torch code, with the same results up to float rounding and the order of
@@ -78,8 +79,9 @@ def usable(*tensors: Tensor) -> bool:
 
 
 def simd_path() -> str:
-    """The top-k selection path the lookup kernel uses: "avx512", "avx2" or "scalar" (the best the CPU
-    has; `torch.ops.pkmlm.select_simd(name)` forces another for tests), or "none" without the kernels."""
+    """The vector path the kernels use (top-k selection, RowAdam's row update): "avx512", "avx2" or "scalar"
+    (the best the CPU has; `torch.ops.pkmlm.select_simd(name)` forces another for tests), or "none" without
+    the kernels."""
     return torch.ops.pkmlm.select_simd("") if available() else "none"
 
 

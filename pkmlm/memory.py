@@ -297,8 +297,7 @@ class ProductKeyMemory(nn.Module):
         if not isinstance(self.values, nn.EmbeddingBag):  # a table that reads itself (pkmlm/value_table.py)
             out = self.values.read(indices, weights)
         elif self.values.sparse:
-            # The table is read without autograd; _RowSparseGrad gives it its gradient.
-            out = _RowSparseGrad.apply(_weighted_read(table, indices, weights), table, indices, weights.detach())
+            out = _sparse_read(table, indices, weights)
         else:
             out = self.values(indices, per_sample_weights=weights)
         out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
@@ -463,32 +462,38 @@ class _RowSparseGrad(torch.autograd.Function):
         return grad_out, grad_table, None, None
 
 
-class _CompiledWeightedRead(torch.autograd.Function):
-    """F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum") for a detached float32
-    CPU table, whose backward gets the weights' gradient (grad_out . table[indices[n, r]]) from the
-    compiled kernel: one parallel pass, where torch's per-sample-weights backward was ~3x slower.
+class _CompiledSparseRead(torch.autograd.Function):
+    """_sparse_read by the compiled kernels for a float32 CPU table: the forward is an embedding bag; the
+    backward one pass over the reads sorted by slot (torch.ops.pkmlm.sparse_read_backward) gives both the
+    table's row-sparse gradient (as _RowSparseGrad) and the weights' (grad_out . table[indices[n, r]]),
+    reading each table row once, in slot order, where two passes read the table rows at random.
     """
 
     @staticmethod
     def forward(ctx, table, indices, weights):
-        ctx.save_for_backward(table, indices)
-        return F.embedding_bag(indices, table, per_sample_weights=weights.detach(), mode="sum")
+        table, weights = table.detach(), weights.detach()
+        ctx.save_for_backward(table, indices, weights)
+        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        table, indices = ctx.saved_tensors
-        grad_weights = torch.ops.pkmlm.bag_weights_backward(grad_out.contiguous(), table.contiguous(),
-                                                            indices.contiguous())
-        return None, None, grad_weights
+        table, indices, weights = ctx.saved_tensors
+        rows, row_grads, grad_weights = torch.ops.pkmlm.sparse_read_backward(
+            grad_out.contiguous(), table.contiguous(), indices.contiguous(), weights.contiguous())
+        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, table.shape, is_coalesced=True,
+                                             check_invariants=False)
+        return grad_table, None, grad_weights
 
 
-def _weighted_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """sum_r weights[n, r] * table[indices[n, r]]: (N, v_dim). Autograd reaches the weights, not the table."""
-    table = table.detach()
-    if kernels.usable(table, weights):
-        return _CompiledWeightedRead.apply(table, indices, weights)
-    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+def _sparse_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """sum_r weights[n, r] * table[indices[n, r]]: (N, v_dim), with a row-sparse gradient for the table (one
+    summed row per slot read) and a dense one for the weights."""
+    if indices.dtype == torch.long and kernels.usable(table, weights):
+        return _CompiledSparseRead.apply(table, indices, weights)
+    # The table is read without autograd; _RowSparseGrad gives it its gradient.
+    out = F.embedding_bag(indices, table.detach(), per_sample_weights=weights, mode="sum")
+    return _RowSparseGrad.apply(out, table, indices, weights.detach())
 
 
 def _init_keys(shape: tuple[int, ...], scale: float, kind: str) -> Tensor:

@@ -21,10 +21,12 @@ from torch import nn
 
 from pkmlm import kernels
 from pkmlm import memory as memory_mod
-from pkmlm.memory import ProductKeyMemory, _weighted_read
+from pkmlm.memory import ProductKeyMemory, _sparse_read
 from pkmlm.optim import RowAdam
+from pkmlm.sparse import row_sparse_grad
 
-OPS = ("pkm_lookup", "pkm_lookup_backward", "bag_weights_backward", "row_adam_")
+OPS = ("pkm_lookup", "pkm_lookup_backward", "bag_weights_backward", "sparse_read_backward", "row_sparse_grad",
+       "row_adam_")
 
 
 @pytest.fixture
@@ -175,9 +177,10 @@ def test_memory_forward_backward_kernel_matches_torch(monkeypatch, kernel_calls)
 
     out_k = run(monkeypatch, True, lambda: step(mem_k))
     assert {name: kernel_calls[name] for name in OPS} == {
-        "pkm_lookup": 1, "pkm_lookup_backward": 1, "bag_weights_backward": 1, "row_adam_": 0}
+        "pkm_lookup": 1, "pkm_lookup_backward": 1, "bag_weights_backward": 0, "sparse_read_backward": 1,
+        "row_sparse_grad": 0, "row_adam_": 0}
     out_t = run(monkeypatch, False, lambda: step(mem_t))
-    assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["bag_weights_backward"] == 1
+    assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["sparse_read_backward"] == 1
     torch.testing.assert_close(out_k, out_t, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mem_k.query_norm.running_mean, mem_t.query_norm.running_mean)
     torch.testing.assert_close(mem_k.query_norm.running_var, mem_t.query_norm.running_var)
@@ -198,14 +201,19 @@ def test_memory_forward_backward_kernel_matches_torch(monkeypatch, kernel_calls)
             "out_proj.weight", "out_proj.bias"} <= names
 
 
-def weights_grad(grad_out, table, indices):
-    """The gradient a value read sends to its softmax weights, through pkmlm.memory._weighted_read."""
-    weights = torch.rand(indices.shape, requires_grad=True)
-    return torch.autograd.grad(_weighted_read(table, indices, weights), weights, grad_out)[0]
+def read_grads(grad_out, table, indices, weights):
+    """The gradients a value read sends to the table and to its weights, through pkmlm.memory._sparse_read."""
+    table = table.clone().requires_grad_()
+    weights = weights.clone().requires_grad_()
+    _sparse_read(table, indices, weights).backward(grad_out)
+    return table.grad, weights.grad
 
 
 @pytest.mark.parametrize("n,r,rows,dim", [(50, 12, 1000, 24), (7, 3, 40, 13), (1, 1, 5, 1), (130, 32, 300, 70)])
-def test_bag_weights_grad_kernel_matches_torch_and_reference(monkeypatch, kernel_calls, n, r, rows, dim):
+def test_sparse_read_grads_kernel_matches_torch_and_reference(monkeypatch, kernel_calls, n, r, rows, dim):
+    """The fused backward (sparse_read_backward) against the torch path and float64: the weights' gradient
+    grad_out[n] . table[indices[n, r]] bitwise equal to bag_weights_backward's (the sharded table's kernel),
+    the table's row-sparse gradient bitwise equal to row_sparse_grad's."""
     torch.manual_seed(n + r + dim)
     grad_out = torch.randn(n, dim)
     table = torch.randn(rows, dim)
@@ -213,23 +221,71 @@ def test_bag_weights_grad_kernel_matches_torch_and_reference(monkeypatch, kernel
     indices[0, 0] = rows - 1  # the last row, and repeated reads
     if r > 1:
         indices[-1, 1] = indices[-1, 0]
+    weights = torch.rand(n, r)
     ref = (table.double()[indices] * grad_out.double()[:, None]).sum(-1)
-    got_k = run(monkeypatch, True, lambda: weights_grad(grad_out, table, indices))
-    assert kernel_calls["bag_weights_backward"] == 1
-    got_t = run(monkeypatch, False, lambda: weights_grad(grad_out, table, indices))
-    assert kernel_calls["bag_weights_backward"] == 1
-    assert got_k.shape == got_t.shape == (n, r) and got_k.dtype == got_t.dtype == torch.float32
-    torch.testing.assert_close(got_k, got_t, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(got_k.double(), ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(got_t.double(), ref, atol=1e-5, rtol=1e-4)
+    table_k, weights_k = run(monkeypatch, True, lambda: read_grads(grad_out, table, indices, weights))
+    assert kernel_calls["sparse_read_backward"] == 1
+    table_t, weights_t = run(monkeypatch, False, lambda: read_grads(grad_out, table, indices, weights))
+    assert kernel_calls["sparse_read_backward"] == 1 and kernel_calls["bag_weights_backward"] == 0
+    assert weights_k.shape == weights_t.shape == (n, r) and weights_k.dtype == weights_t.dtype == torch.float32
+    torch.testing.assert_close(weights_k, weights_t, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights_k.double(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights_t.double(), ref, atol=1e-5, rtol=1e-4)
+    assert torch.equal(torch.ops.pkmlm.bag_weights_backward(grad_out, table, indices), weights_k)
+    assert table_k.is_sparse  # autograd drops the coalesced flag (pkmlm.sparse.coalesce_rows)
+    assert torch.equal(table_k._indices(), table_t._indices())
+    torch.testing.assert_close(table_k._values(), table_t._values(), atol=1e-5, rtol=1e-4)
+    rows_k, grads_k = torch.ops.pkmlm.row_sparse_grad(indices, weights, grad_out, rows)
+    assert torch.equal(rows_k, table_k._indices()[0]) and torch.equal(grads_k, table_k._values())
 
     # A non-contiguous table (a column slice) takes the kernel too (it is made contiguous).
     wide = torch.randn(rows, dim + 3)
     view = wide[:, 2:dim + 2]
     ref2 = (view.double()[indices] * grad_out.double()[:, None]).sum(-1)
-    torch.testing.assert_close(run(monkeypatch, True, lambda: weights_grad(grad_out, view, indices)).double(),
-                               ref2, atol=1e-5, rtol=1e-4)
-    assert kernel_calls["bag_weights_backward"] == 2
+    got = run(monkeypatch, True, lambda: _sparse_read_weights_grad(grad_out, view, indices, weights))
+    torch.testing.assert_close(got.double(), ref2, atol=1e-5, rtol=1e-4)
+    assert kernel_calls["sparse_read_backward"] == 2
+
+
+def _sparse_read_weights_grad(grad_out, table, indices, weights):
+    weights = weights.clone().requires_grad_()
+    return torch.autograd.grad(_sparse_read(table, indices, weights), weights, grad_out)[0]
+
+
+# (tokens, reads per token, table rows, row size): one row read by everyone, a table of 2**31 rows (the
+# kernel's limit; counting-sort buckets on the high bits), rows shorter and longer than a vector, no tokens.
+ROW_GRAD_CASES = [(300, 24, 1, 5), (200, 32, 2**31, 3), (500, 64, 5000, 37), (64, 128, 1 << 20, 256), (0, 8, 10, 4)]
+
+
+@pytest.mark.parametrize("n,r,rows,dim", ROW_GRAD_CASES)
+def test_row_sparse_grad_kernel_matches_torch_and_float64(monkeypatch, kernel_calls, n, r, rows, dim):
+    """The table's row-sparse gradient: the same sorted distinct rows as the torch path, each the sum of its
+    reads' weighted output gradients (float64 reference), marked coalesced; the same bits at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(n + rows)
+    slots = torch.randint(0, rows, (n, r), generator=g)
+    if n:
+        slots[: n // 3, : r // 2] = rows - 1  # many reads of one row, and the largest id
+    weights, grad_out = torch.rand(n, r, generator=g), torch.randn(n, dim, generator=g)
+    grad_k = run(monkeypatch, True, lambda: row_sparse_grad(slots, weights, grad_out, (rows, dim)))
+    assert kernel_calls["row_sparse_grad"] == 1
+    grad_t = run(monkeypatch, False, lambda: row_sparse_grad(slots, weights, grad_out, (rows, dim)))
+    assert kernel_calls["row_sparse_grad"] == 1
+    assert grad_k.is_coalesced() and grad_k.shape == (rows, dim)
+    assert torch.equal(grad_k._indices(), grad_t._indices())
+    assert torch.equal(grad_k._indices()[0], slots.unique())
+    ref = torch.zeros(grad_k._nnz(), dim, dtype=torch.float64)
+    ref.index_add_(0, torch.searchsorted(slots.unique(), slots.reshape(-1)),
+                   weights.reshape(-1, 1).double() * grad_out.double().repeat_interleave(r, 0))
+    # float32 sums of up to ~5,000 terms (the row everyone reads)
+    torch.testing.assert_close(grad_k._values().double(), ref, atol=2e-3, rtol=1e-5)
+    torch.testing.assert_close(grad_t._values().double(), ref, atol=2e-3, rtol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = torch.ops.pkmlm.row_sparse_grad(slots, weights, grad_out, rows)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread[1], grad_k._values())
 
 
 def _row_adam_run(monkeypatch, use_kernels, start, steps, shape, lr=0.05, betas=(0.8, 0.95), eps=1e-6):
@@ -508,7 +564,7 @@ def test_autocast_takes_the_kernels(monkeypatch, kernel_calls, dtype):
     out.float().sum().backward()
     assert q.dtype == dtype and mem.keys.grad is not None and mem.keys.grad.dtype == torch.float32
     assert kernel_calls["pkm_lookup"] == 1 and kernel_calls["pkm_lookup_backward"] == 1
-    assert kernel_calls["bag_weights_backward"] == 1
+    assert kernel_calls["sparse_read_backward"] == 1
     scores, slots = mem.lookup(q.float())
     ref_scores, ref_slots = run(monkeypatch, False, lambda: mem.lookup(q.float()))
     assert_same_topk(mem, q.float(), scores, slots, ref_scores, ref_slots)
@@ -550,3 +606,34 @@ def test_select_simd_rejects_unknown_paths(kernel_calls):
     with pytest.raises(RuntimeError, match="unknown selection path 'sse9'"):
         torch.ops.pkmlm.select_simd("sse9")
     assert torch.ops.pkmlm.select_simd("auto") == torch.ops.pkmlm.simd_paths()[-1]
+
+
+@pytest.mark.parametrize("dim", [256, 19, 40])
+def test_every_row_adam_path_gives_the_scalar_result(kernel_calls, dim):
+    """RowAdam's vectorised row updates (AVX2, AVX-512; rows longer or shorter than a vector, with a tail)
+    give exactly the scalar path's weights, moments and step counts, over steps with gradients from tiny to
+    huge, zero rows and rows updated more than once."""
+    paths = torch.ops.pkmlm.simd_paths()
+    gen = torch.Generator().manual_seed(dim)
+    start = torch.randn(300, dim, generator=gen)
+    steps = []
+    for k in range(5):
+        rows = torch.randperm(300, generator=gen)[:120].sort().values
+        grads = torch.randn(120, dim, generator=gen) * 10.0 ** (3 * k - 6)
+        grads[::7] = 0
+        steps.append((rows, grads))
+    results = {}
+    try:
+        for path in paths:
+            torch.ops.pkmlm.select_simd(path)
+            w, moments, count = start.clone(), torch.zeros(300, 2, dim), torch.zeros(300, dtype=torch.long)
+            for i, (rows, grads) in enumerate(steps):
+                torch.ops.pkmlm.row_adam_(w, moments, count, rows, grads, 1e-3 * (i + 1), 0.9, 0.98, 1e-8)
+            results[path] = (w, moments, count)
+    finally:
+        torch.ops.pkmlm.select_simd("auto")
+    assert kernel_calls["row_adam_"] == 5 * len(paths)
+    w, moments, count = results["scalar"]
+    assert not torch.equal(w, start) and count.max() > 1
+    for path in paths[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[path], results["scalar"])), path

@@ -136,6 +136,11 @@ void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, uint32_t* 
   top_keys(keys, count, k, width);
 }
 
+// Per-row constants of a RowAdam update (see row_adam_).
+struct AdamConstants {
+  float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias2_sqrt;
+};
+
 // ---- vectorised selection: one copy of pkm_topk_simd.h per instruction set, chosen at run time ----
 // Each copy is compiled for (at least) its own set, whatever -march says, and used only where
 // __builtin_cpu_supports finds it; a test forces every path the CPU has (select_simd) and compares
@@ -143,10 +148,10 @@ void topk_sorted(const float* s, int64_t n, int64_t k, int64_t width, uint32_t* 
 
 #ifdef PKMLM_X86_SIMD
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #endif
 namespace simd_avx2 {
 using V = __m256i;
@@ -183,14 +188,26 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
   return scan_at_least_from(s, j, n, bound, out, count);
 }
 #include "pkm_topk_simd.h"
+using F = __m256;
+constexpr int kFloatLanes = 8;
+inline F fload(const float* p) { return _mm256_loadu_ps(p); }
+inline void fstore(float* p, F x) { _mm256_storeu_ps(p, x); }
+inline F fset1(float x) { return _mm256_set1_ps(x); }
+inline F fadd(F a, F b) { return _mm256_add_ps(a, b); }
+inline F fsub(F a, F b) { return _mm256_sub_ps(a, b); }
+inline F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+inline F fdiv(F a, F b) { return _mm256_div_ps(a, b); }
+inline F fsqrt(F a) { return _mm256_sqrt_ps(a); }
+inline F ffma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+#include "pkm_adam_simd.h"
 }  // namespace simd_avx2
 #if defined(__clang__)
 #pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx2,avx512f"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,avx512f"))), apply_to = function)
 #else
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx2,avx512f")
+#pragma GCC target("avx2,fma,avx512f")
 #endif
 namespace simd_avx512 {
 using V = __m512i;
@@ -222,6 +239,18 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
   return scan_at_least_from(s, j, n, bound, out, count);
 }
 #include "pkm_topk_simd.h"
+using F = __m512;
+constexpr int kFloatLanes = 16;
+inline F fload(const float* p) { return _mm512_loadu_ps(p); }
+inline void fstore(float* p, F x) { _mm512_storeu_ps(p, x); }
+inline F fset1(float x) { return _mm512_set1_ps(x); }
+inline F fadd(F a, F b) { return _mm512_add_ps(a, b); }
+inline F fsub(F a, F b) { return _mm512_sub_ps(a, b); }
+inline F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+inline F fdiv(F a, F b) { return _mm512_div_ps(a, b); }
+inline F fsqrt(F a) { return _mm512_sqrt_ps(a); }
+inline F ffma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+#include "pkm_adam_simd.h"
 }  // namespace simd_avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -230,13 +259,14 @@ inline int64_t scan_at_least(const float* s, int64_t n, uint32_t bound, uint64_t
 #endif
 #endif  // PKMLM_X86_SIMD
 
-// Selection paths: 0 scalar, 1 AVX2, 2 AVX-512 (x86 only). The best one the CPU has by default.
+// Vector paths (the top-k selection and RowAdam's row update): 0 scalar, 1 AVX2 (+FMA), 2 AVX-512 (x86
+// only). The best one the CPU has by default.
 const char* const kSimdNames[] = {"scalar", "avx2", "avx512"};
 
 bool simd_supported(int path) {
 #ifdef PKMLM_X86_SIMD
-  if (path == 1) return __builtin_cpu_supports("avx2");
-  if (path == 2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f");
+  if (path == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (path == 2) return simd_supported(1) && __builtin_cpu_supports("avx512f");
 #endif
   return path == 0;
 }
@@ -448,6 +478,14 @@ std::tuple<Tensor, Tensor> pkm_lookup_backward(const Tensor& grad_scores, const 
   return {grad_q, grad_keys};
 }
 
+// x . y over n floats (one summation order for bag_weights_backward and sparse_read_backward).
+inline float dot(const float* x, const float* y, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += x[d] * y[d];
+  return acc;
+}
+
 // d(out[n]) / d(weights[n, r]) where out[n] = sum_r weights[n, r] * table[slots[n, r]]:
 // grad_weights[n, r] = grad_out[n] . table[slots[n, r]].
 Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const Tensor& slots) {
@@ -473,20 +511,189 @@ Tensor bag_weights_backward(const Tensor& grad_out, const Tensor& table, const T
           const char* ahead = reinterpret_cast<const char*>(tp + sl[n * R + r + kAhead] * D);
           for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(ahead + b);
         }
-        const float* row = tp + sl[n * R + r] * D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += x[d] * row[d];
-        out[n * R + r] = acc;
+        out[n * R + r] = dot(x, tp + sl[n * R + r] * D, D);
       }
     }
   });
   return result;
 }
 
+// Writes a finished row of n floats to dst without reading dst's lines first (streaming stores, where the
+// row is 32-byte aligned and the CPU has AVX): the row-sparse gradient is written once and read later.
+// 256-bit stores: 512-bit ones measured no faster.
+inline void stream_row(float* dst, const float* src, int64_t n) {
+#if defined(PKMLM_X86_SIMD) && defined(__AVX__)
+  if (reinterpret_cast<uintptr_t>(dst) % 32 == 0 && n % 8 == 0) {
+    for (int64_t d = 0; d < n; d += 8) _mm256_stream_ps(dst + d, _mm256_loadu_ps(src + d));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+// Orders this thread's streaming stores before what follows the parallel region.
+inline void stream_fence() {
+#if defined(PKMLM_X86_SIMD) && defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+// The value table's gradient of out[n] = sum_r weights[n, r] * table[slots[n, r]] (pkmlm.sparse.row_sparse_grad):
+// the distinct slots read, increasing (U,) int64, and one summed gradient row each (U, D): the sum of
+// weights[n, r] * grad_out[n] over the reads (n, r) of that slot, in increasing n * R + r.
+// The reads are sorted by a counting sort on the slots' high bits (stable, per thread chunk) and a sort of each
+// bucket's few (slot, read) keys; each bucket's rows are then summed straight into the output.
+// With a table (sparse_read_backward), the same pass also gives the weights' gradient,
+// grad_weights[n, r] = grad_out[n] . table[slots[n, r]] (as bag_weights_backward), reading each table row once
+// and in slot order.
+std::tuple<Tensor, Tensor, Tensor> sorted_read_grads(const Tensor& slots, const Tensor& weights,
+                                                     const Tensor& grad_out, int64_t num_rows, const Tensor* table) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2,
+              "slots must be a contiguous int64 (N, reads) tensor");
+  check_float_contiguous(weights, "weights", 2);
+  check_float_contiguous(grad_out, "grad_out", 2);
+  const int64_t N = slots.size(0), R = slots.size(1), D = grad_out.size(1), E = N * R;
+  TORCH_CHECK(weights.size(0) == N && weights.size(1) == R && grad_out.size(0) == N,
+              "slots, weights and grad_out do not match");
+  TORCH_CHECK(num_rows > 0 && num_rows <= (int64_t{1} << 31) && E < (int64_t{1} << 32),
+              "row_sparse_grad: at most 2**31 rows and 2**32 reads");
+  check_ids(slots, num_rows, "slots");
+  int bits = 0;  // slots fit in `bits` bits
+  while ((int64_t{1} << bits) < num_rows) ++bits;
+  int bucket_bits = 0;  // about 32 reads per bucket
+  while (bucket_bits < bits && (int64_t{32} << (bucket_bits + 1)) <= E) ++bucket_bits;
+  const int shift = bits - bucket_bits;
+  const int64_t B = int64_t{1} << bucket_bits;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E / 16384));
+  const int64_t chunk = (E + chunks - 1) / std::max<int64_t>(chunks, 1);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  // Counting sort into buckets: counts per (chunk, bucket), then bucket-major offsets, so each bucket
+  // holds its reads in increasing order.
+  std::vector<int64_t> offset(chunks * B, 0), bucket_start(B + 1, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int64_t* count = offset.data() + c * B;
+      for (int64_t e = c * chunk, end = std::min(E, e + chunk); e < end; ++e) ++count[sl[e] >> shift];
+    }
+  });
+  int64_t running = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    bucket_start[b] = running;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n = offset[c * B + b];
+      offset[c * B + b] = running;
+      running += n;
+    }
+  }
+  bucket_start[B] = running;
+  std::vector<uint64_t> keys(E);  // (slot << 32) | read
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int64_t* next = offset.data() + c * B;
+      for (int64_t e = c * chunk, end = std::min(E, e + chunk); e < end; ++e)
+        keys[next[sl[e] >> shift]++] = (static_cast<uint64_t>(sl[e]) << 32) | static_cast<uint64_t>(e);
+    }
+  });
+  std::vector<int64_t> row_start(B + 1, 0);  // distinct slots before each bucket
+  at::parallel_for(0, B, 64, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      uint64_t* k = keys.data() + bucket_start[b];
+      const int64_t n = bucket_start[b + 1] - bucket_start[b];
+      std::sort(k, k + n);
+      int64_t distinct = 0;
+      for (int64_t i = 0; i < n; ++i) distinct += i == 0 || (k[i] >> 32) != (k[i - 1] >> 32);
+      row_start[b + 1] = distinct;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) row_start[b + 1] += row_start[b];
+  const int64_t U = row_start[B];
+  Tensor rows = at::empty({U}, slots.options());
+  Tensor grads = at::empty({U, D}, grad_out.options());
+  int64_t* rp = rows.data_ptr<int64_t>();
+  float* gp = grads.data_ptr<float>();
+  const float* go = grad_out.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  Tensor grad_weights = table ? at::empty({N, R}, grad_out.options()) : Tensor();
+  const float* tp = table ? table->data_ptr<float>() : nullptr;
+  float* gw = table ? grad_weights.data_ptr<float>() : nullptr;
+  constexpr int64_t kAhead = 4;  // table rows prefetched ahead, in read order
+  at::parallel_for(0, B, 64, [&](int64_t first, int64_t last) {
+    std::vector<float> sum(D);  // the row being summed stays in cache; the output is only written
+    float* acc = sum.data();
+    for (int64_t b = first; b < last; ++b) {
+      int64_t u = row_start[b];
+      const int64_t end = bucket_start[b + 1];
+      for (int64_t i = bucket_start[b]; i < end;) {
+        const uint64_t slot = keys[i] >> 32;
+        const int64_t first_read = i;
+        for (; i < end && keys[i] >> 32 == slot; ++i) {
+          const int64_t e = static_cast<int64_t>(keys[i] & 0xFFFFFFFFu);
+          const float w = wp[e];
+          const float* x = go + (e / R) * D;
+          if (tp) {
+            if (i + kAhead < end) {
+              const char* ahead = reinterpret_cast<const char*>(tp + static_cast<int64_t>(keys[i + kAhead] >> 32) * D);
+              for (int64_t off = 0; off < D * 4; off += 64) __builtin_prefetch(ahead + off);
+            }
+            gw[e] = dot(x, tp + static_cast<int64_t>(slot) * D, D);
+          }
+          if (i == first_read) {
+            for (int64_t d = 0; d < D; ++d) acc[d] = w * x[d];
+          } else {
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * x[d];
+          }
+        }
+        rp[u] = static_cast<int64_t>(slot);
+        stream_row(gp + u * D, acc, D);
+        ++u;
+      }
+    }
+    stream_fence();
+  });
+  return {rows, grads, grad_weights};
+}
+
+std::tuple<Tensor, Tensor> row_sparse_grad(const Tensor& slots, const Tensor& weights, const Tensor& grad_out,
+                                           int64_t num_rows) {
+  auto [rows, grads, unused] = sorted_read_grads(slots, weights, grad_out, num_rows, nullptr);
+  return {rows, grads};
+}
+
+// Both gradients of out[n] = sum_r weights[n, r] * table[slots[n, r]] in one pass (sorted_read_grads):
+// the table's row-sparse one (rows, row gradients) and the weights' (N, R).
+std::tuple<Tensor, Tensor, Tensor> sparse_read_backward(const Tensor& grad_out, const Tensor& table, const Tensor& slots,
+                                                        const Tensor& weights) {
+  check_float_contiguous(table, "table", 2);
+  TORCH_CHECK(table.size(1) == grad_out.size(-1), "grad_out and table rows differ in size");
+  return sorted_read_grads(slots, weights, grad_out, table.size(0), &table);
+}
+
+// One RowAdam update of a row of n floats: the arithmetic of pkmlm.optim.RowAdam._update_rows with
+// each multiply-add that feeds a sum rounded once (as the vector paths do, pkm_adam_simd.h).
+void adam_row_scalar(float* w, float* m, float* v, const float* g, int64_t n, const AdamConstants& c) {
+  for (int64_t d = 0; d < n; ++d) {
+    const float mean = std::fma(g[d] - m[d], c.one_minus_beta1, m[d]);
+    const float var = std::fma(v[d], c.beta2, c.one_minus_beta2 * g[d] * g[d]);
+    m[d] = mean;
+    v[d] = var;
+    w[d] = std::fma(mean / (std::sqrt(var) / c.bias2_sqrt + c.eps), -c.step_size, w[d]);
+  }
+}
+
+using AdamRow = void (*)(float*, float*, float*, const float*, int64_t, const AdamConstants&);
+
+AdamRow adam_row_for(int path) {
+#ifdef PKMLM_X86_SIMD
+  if (path == 2) return simd_avx512::adam_row;
+  if (path == 1) return simd_avx2::adam_row;
+#endif
+  return adam_row_scalar;
+}
+
 // One lazy Adam step of the unique `rows` of weight (S, D): moments (S, 2, D) hold Adam's first and
 // second moments, step (S,) each row's step count; grads (R, D) the rows' summed gradients.
-// Same arithmetic as pkmlm.optim.RowAdam's torch path, in one read and one write of each row.
+// Same arithmetic as pkmlm.optim.RowAdam's torch path, in one read and one write of each row, the
+// row's arithmetic by the selected vector path (select_simd).
 void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, const Tensor& grads, double lr,
                double beta1, double beta2, double eps) {
   check_float_contiguous(weight, "weight", 2);
@@ -504,9 +711,11 @@ void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, c
   int64_t* st = step.data_ptr<int64_t>();
   const int64_t* rp = rows.data_ptr<int64_t>();
   const float* gp = grads.data_ptr<float>();
-  const float one_minus_beta1 = static_cast<float>(1 - beta1), b2 = static_cast<float>(beta2),
-              one_minus_beta2 = static_cast<float>(1 - beta2), epsf = static_cast<float>(eps);
+  const AdamRow adam_row = adam_row_for(g_simd.load());
+  AdamConstants c{static_cast<float>(1 - beta1), static_cast<float>(beta2), static_cast<float>(1 - beta2),
+                  static_cast<float>(eps), 0.f, 0.f};
   at::parallel_for(0, R, 64, [&](int64_t first, int64_t last) {
+    AdamConstants row = c;
     for (int64_t i = first; i < last; ++i) {
       const int64_t r = rp[i];
       if (i + 1 < last) {  // the next row's weights and moments: sorted but far apart
@@ -516,19 +725,10 @@ void row_adam_(Tensor weight, Tensor moments, Tensor step, const Tensor& rows, c
         for (int64_t b = 0; b < D * 8; b += 64) __builtin_prefetch(nm + b, 1);
       }
       const int64_t t = ++st[r];
-      const float step_size = static_cast<float>(lr / (1 - std::pow(beta1, static_cast<double>(t))));
-      const float bias2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, static_cast<double>(t))));
-      float* wr = w + r * D;
+      row.step_size = static_cast<float>(lr / (1 - std::pow(beta1, static_cast<double>(t))));
+      row.bias2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, static_cast<double>(t))));
       float* mr = m + r * 2 * D;
-      float* vr = mr + D;
-      const float* g = gp + i * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float mean = mr[d] + one_minus_beta1 * (g[d] - mr[d]);
-        const float var = vr[d] * b2 + one_minus_beta2 * g[d] * g[d];
-        mr[d] = mean;
-        vr[d] = var;
-        wr[d] -= mean / (std::sqrt(var) / bias2_sqrt + epsf) * step_size;
-      }
+      adam_row(w + r * D, mr, mr + D, gp + i * D, D, row);
     }
   });
 }
@@ -539,6 +739,8 @@ TORCH_LIBRARY(pkmlm, m) {
   m.def("pkm_lookup(Tensor q, Tensor keys, int knn, bool with_subkeys) -> (Tensor, Tensor, Tensor)");
   m.def("pkm_lookup_backward(Tensor grad_scores, Tensor slots, Tensor q, Tensor keys) -> (Tensor, Tensor)");
   m.def("bag_weights_backward(Tensor grad_out, Tensor table, Tensor slots) -> Tensor");
+  m.def("row_sparse_grad(Tensor slots, Tensor weights, Tensor grad_out, int num_rows) -> (Tensor, Tensor)");
+  m.def("sparse_read_backward(Tensor grad_out, Tensor table, Tensor slots, Tensor weights) -> (Tensor, Tensor, Tensor)");
   m.def("simd_paths() -> str[]", &simd_paths);  // no tensor arguments: one kernel for every device
   m.def("select_simd(str name) -> str", &select_simd);
   m.def("row_adam_(Tensor(a!) weight, Tensor(b!) moments, Tensor(c!) step, Tensor rows, Tensor grads, float lr, "
@@ -549,5 +751,7 @@ TORCH_LIBRARY_IMPL(pkmlm, CPU, m) {
   m.impl("pkm_lookup", &pkm_lookup);
   m.impl("pkm_lookup_backward", &pkm_lookup_backward);
   m.impl("bag_weights_backward", &bag_weights_backward);
+  m.impl("row_sparse_grad", &row_sparse_grad);
+  m.impl("sparse_read_backward", &sparse_read_backward);
   m.impl("row_adam_", &row_adam_);
 }
