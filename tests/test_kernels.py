@@ -209,7 +209,8 @@ def read_grads(grad_out, table, indices, weights):
     return table.grad, weights.grad
 
 
-@pytest.mark.parametrize("n,r,rows,dim", [(50, 12, 1000, 24), (7, 3, 40, 13), (1, 1, 5, 1), (130, 32, 300, 70)])
+@pytest.mark.parametrize("n,r,rows,dim", [(50, 12, 1000, 24), (7, 3, 40, 13), (1, 1, 5, 1), (130, 32, 300, 70),
+                                          (2048, 32, 100_000, 16)])  # the last: per-thread chunks (ROW_GRAD_CASES)
 def test_sparse_read_grads_kernel_matches_torch_and_reference(monkeypatch, kernel_calls, n, r, rows, dim):
     """The fused backward (sparse_read_backward) against the torch path and float64: the weights' gradient
     grad_out[n] . table[indices[n, r]] bitwise equal to bag_weights_backward's (the sharded table's kernel),
@@ -254,7 +255,10 @@ def _sparse_read_weights_grad(grad_out, table, indices, weights):
 
 # (tokens, reads per token, table rows, row size): one row read by everyone, a table of 2**31 rows (the
 # kernel's limit; counting-sort buckets on the high bits), rows shorter and longer than a vector, no tokens.
-ROW_GRAD_CASES = [(300, 24, 1, 5), (200, 32, 2**31, 3), (500, 64, 5000, 37), (64, 128, 1 << 20, 256), (0, 8, 10, 4)]
+# The last case has 65,536 reads: enough for the kernel's counting sort to split them into per-thread chunks
+# (one chunk per 16,384 reads, up to the thread count), which the smaller cases never do.
+ROW_GRAD_CASES = [(300, 24, 1, 5), (200, 32, 2**31, 3), (500, 64, 5000, 37), (64, 128, 1 << 20, 256), (0, 8, 10, 4),
+                  (2048, 32, 100_000, 16)]
 
 
 @pytest.mark.parametrize("n,r,rows,dim", ROW_GRAD_CASES)
@@ -281,11 +285,12 @@ def test_row_sparse_grad_kernel_matches_torch_and_float64(monkeypatch, kernel_ca
     torch.testing.assert_close(grad_t._values().double(), ref, atol=2e-3, rtol=1e-5)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one_thread = torch.ops.pkmlm.row_sparse_grad(slots, weights, grad_out, rows)
+        for t in (1, 4):
+            torch.set_num_threads(t)
+            rows_t, grads_t = torch.ops.pkmlm.row_sparse_grad(slots, weights, grad_out, rows)
+            assert torch.equal(rows_t, grad_k._indices()[0]) and torch.equal(grads_t, grad_k._values()), t
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one_thread[1], grad_k._values())
 
 
 def _row_adam_run(monkeypatch, use_kernels, start, steps, shape, lr=0.05, betas=(0.8, 0.95), eps=1e-6):

@@ -668,15 +668,24 @@ std::tuple<Tensor, Tensor, Tensor> sparse_read_backward(const Tensor& grad_out, 
   return sorted_read_grads(slots, weights, grad_out, table.size(0), &table);
 }
 
+// A multiply-add rounded once where the CPU has FMA (this file is built with -march=native). Without it,
+// std::fma is glibc's software routine, ~70x slower; the scalar path is then the only one the CPU can
+// run (the vector paths need FMA), so rounding twice keeps every path on that machine in agreement.
+#ifdef __FMA__
+inline float madd(float a, float b, float c) { return std::fma(a, b, c); }
+#else
+inline float madd(float a, float b, float c) { return a * b + c; }
+#endif
+
 // One RowAdam update of a row of n floats: the arithmetic of pkmlm.optim.RowAdam._update_rows with
 // each multiply-add that feeds a sum rounded once (as the vector paths do, pkm_adam_simd.h).
 void adam_row_scalar(float* w, float* m, float* v, const float* g, int64_t n, const AdamConstants& c) {
   for (int64_t d = 0; d < n; ++d) {
-    const float mean = std::fma(g[d] - m[d], c.one_minus_beta1, m[d]);
-    const float var = std::fma(v[d], c.beta2, c.one_minus_beta2 * g[d] * g[d]);
+    const float mean = madd(g[d] - m[d], c.one_minus_beta1, m[d]);
+    const float var = madd(v[d], c.beta2, c.one_minus_beta2 * g[d] * g[d]);
     m[d] = mean;
     v[d] = var;
-    w[d] = std::fma(mean / (std::sqrt(var) / c.bias2_sqrt + c.eps), -c.step_size, w[d]);
+    w[d] = madd(mean / (std::sqrt(var) / c.bias2_sqrt + c.eps), -c.step_size, w[d]);
   }
 }
 
