@@ -21,9 +21,9 @@ groups `memory_plus`, `sweep` (heads 1/2/4/8, knn 16/32/64, 64^2/128^2/256^2 slo
 memory, re-initialisation). `--models` takes keys and group names (`--models sweep,a`); with sweep rows the
 report gets a second plot (`--sweep-plot`) of test perplexity along each swept axis.
 
-The headline needs a regime where 2L beats L: at L=4 it does not on BBC (b is worse than a at 400 and 1,000
-steps), so group `headline` checks it one size down, at 1,000 steps: l2 (L=2), a (2L=4), l2_pkm and
-l2_memplus (L=2 with a memory or Memory+ in block 1), with b and c for the L=4 comparison:
+The headline needs a regime where 2L beats L. At width 256 on BBC it does not within 1,000 steps (L=1, 2 and
+4 layers: l1, l2, a), so group `headline` also trains width-64 models, where it does: n1, n2, n4 (L=1, 2, 4),
+n1_pkm and n1_pkm_parallel (L=1 with a memory replacing or beside its FFN) and n2_pkm, with l2_pkm at width 256:
 
     python bench/quality.py --models headline --steps 1000 --out runs/h --report docs/quality_headline.md \
         --plot docs/quality_headline.png

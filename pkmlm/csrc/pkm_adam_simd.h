@@ -4,7 +4,9 @@
 // or ATen templates here (see pkm_topk_simd.h).
 //
 // The arithmetic is adam_row_scalar's (pkm_cpu.cpp), operation for operation: IEEE division, square
-// root and fused multiply-add round alike in every lane, so every path gives the same bits.
+// root and fused multiply-add round alike in every lane, so every path gives the same bits. The row's
+// tail is adam_row_scalar itself (built with -march=native, so its multiply-adds are fused wherever a
+// vector path can run: both need FMA).
 
 inline void adam_row(float* w, float* m, float* v, const float* g, int64_t n, const AdamConstants& c) {
   const F one_minus_beta1 = fset1(c.one_minus_beta1), beta2 = fset1(c.beta2),
@@ -20,11 +22,5 @@ inline void adam_row(float* w, float* m, float* v, const float* g, int64_t n, co
     const F update = fdiv(mean, fadd(fdiv(fsqrt(var), bias2_sqrt), eps));
     fstore(w + d, ffma(update, minus_step_size, fload(w + d)));
   }
-  for (; d < n; ++d) {
-    const float mean = __builtin_fmaf(g[d] - m[d], c.one_minus_beta1, m[d]);
-    const float var = __builtin_fmaf(v[d], c.beta2, c.one_minus_beta2 * g[d] * g[d]);
-    m[d] = mean;
-    v[d] = var;
-    w[d] = __builtin_fmaf(mean / (__builtin_sqrtf(var) / c.bias2_sqrt + c.eps), -c.step_size, w[d]);
-  }
+  adam_row_scalar(w + d, m + d, v + d, g + d, n - d, c);  // the last n % kFloatLanes floats
 }

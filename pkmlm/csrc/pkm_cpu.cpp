@@ -141,6 +141,27 @@ struct AdamConstants {
   float one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias2_sqrt;
 };
 
+// A multiply-add rounded once where the CPU has FMA (this file is built with -march=native). Without it,
+// std::fma is glibc's software routine, ~70x slower; the scalar path is then the only one the CPU can
+// run (the vector paths need FMA), so rounding twice keeps every path on that machine in agreement.
+#ifdef __FMA__
+inline float madd(float a, float b, float c) { return std::fma(a, b, c); }
+#else
+inline float madd(float a, float b, float c) { return a * b + c; }
+#endif
+
+// One RowAdam update of a row of n floats: the arithmetic of pkmlm.optim.RowAdam._update_rows with
+// each multiply-add that feeds a sum rounded once (as the vector paths do, pkm_adam_simd.h).
+void adam_row_scalar(float* w, float* m, float* v, const float* g, int64_t n, const AdamConstants& c) {
+  for (int64_t d = 0; d < n; ++d) {
+    const float mean = madd(g[d] - m[d], c.one_minus_beta1, m[d]);
+    const float var = madd(v[d], c.beta2, c.one_minus_beta2 * g[d] * g[d]);
+    m[d] = mean;
+    v[d] = var;
+    w[d] = madd(mean / (std::sqrt(var) / c.bias2_sqrt + c.eps), -c.step_size, w[d]);
+  }
+}
+
 // ---- vectorised selection: one copy of pkm_topk_simd.h per instruction set, chosen at run time ----
 // Each copy is compiled for (at least) its own set, whatever -march says, and used only where
 // __builtin_cpu_supports finds it; a test forces every path the CPU has (select_simd) and compares
@@ -565,7 +586,7 @@ std::tuple<Tensor, Tensor, Tensor> sorted_read_grads(const Tensor& slots, const 
   const int shift = bits - bucket_bits;
   const int64_t B = int64_t{1} << bucket_bits;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E / 16384));
-  const int64_t chunk = (E + chunks - 1) / std::max<int64_t>(chunks, 1);
+  const int64_t chunk = (E + chunks - 1) / chunks;
   const int64_t* sl = slots.data_ptr<int64_t>();
   // Counting sort into buckets: counts per (chunk, bucket), then bucket-major offsets, so each bucket
   // holds its reads in increasing order.
@@ -666,27 +687,6 @@ std::tuple<Tensor, Tensor, Tensor> sparse_read_backward(const Tensor& grad_out, 
   check_float_contiguous(table, "table", 2);
   TORCH_CHECK(table.size(1) == grad_out.size(-1), "grad_out and table rows differ in size");
   return sorted_read_grads(slots, weights, grad_out, table.size(0), &table);
-}
-
-// A multiply-add rounded once where the CPU has FMA (this file is built with -march=native). Without it,
-// std::fma is glibc's software routine, ~70x slower; the scalar path is then the only one the CPU can
-// run (the vector paths need FMA), so rounding twice keeps every path on that machine in agreement.
-#ifdef __FMA__
-inline float madd(float a, float b, float c) { return std::fma(a, b, c); }
-#else
-inline float madd(float a, float b, float c) { return a * b + c; }
-#endif
-
-// One RowAdam update of a row of n floats: the arithmetic of pkmlm.optim.RowAdam._update_rows with
-// each multiply-add that feeds a sum rounded once (as the vector paths do, pkm_adam_simd.h).
-void adam_row_scalar(float* w, float* m, float* v, const float* g, int64_t n, const AdamConstants& c) {
-  for (int64_t d = 0; d < n; ++d) {
-    const float mean = madd(g[d] - m[d], c.one_minus_beta1, m[d]);
-    const float var = madd(v[d], c.beta2, c.one_minus_beta2 * g[d] * g[d]);
-    m[d] = mean;
-    v[d] = var;
-    w[d] = madd(mean / (std::sqrt(var) / c.bias2_sqrt + c.eps), -c.step_size, w[d]);
-  }
 }
 
 using AdamRow = void (*)(float*, float*, float*, const float*, int64_t, const AdamConstants&);
