@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean fastbpe data
+.PHONY: setup extras demo test test-fast bench clean fastbpe data
 
 setup:
 	@VENV=$(VENV) scripts/setup_env.sh
@@ -10,8 +10,9 @@ setup:
 demo: setup
 	@VENV=$(VENV) scripts/demo.sh
 
-# The test suite covers the fastBPE backend too, so its set-up builds fastBPE (about 25 s, once).
-test: fastbpe
+# The test suite covers the fastBPE backend and the optional integrations (transformers, lm-eval, peft,
+# triton) too, so its set-up builds fastBPE (about 25 s, once) and installs those extras (once).
+test: fastbpe extras
 	$(PY) -m pytest -q tests
 
 # The quick subset while working: skips the tests marked slow (multi-process and end-to-end CLI runs).
@@ -23,6 +24,10 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# The optional extras the test suite covers (setup.cfg: hf, lmeval, lora, triton).
+extras: setup
+	@VENV=$(VENV) EXTRAS=dev,hf,lmeval,lora,triton scripts/setup_env.sh
 
 # fastBPE (optional BPE backend; about 25 s to build). Its tests skip, saying so, without it.
 fastbpe: setup

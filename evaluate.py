@@ -21,9 +21,9 @@ from pkmlm.checkpoint import CheckpointError
 from pkmlm.config import ConfigError
 from pkmlm.data import DataError
 from pkmlm.distributed import DistributedError, destroy_process_group, detect_env, init_process_group, resolve_device
-from pkmlm.evaluation import EvaluationError, evaluate_checkpoint
+from pkmlm.eval.evaluation import EvaluationError, evaluate_checkpoint
 from pkmlm.fileio import write_text_atomic
-from pkmlm.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
 
 # Markdown columns per memory (the JSON and CSV have every metric).
 MEMORY_COLUMNS = ("usage", "kl_counts", "kl_weights", "gini_weights", "slots_50", "slots_90", "slots_99")
@@ -105,5 +105,5 @@ def csv_text(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # CPU speed: see pkmlm.kernels
+    retain_freed_memory()  # CPU speed: see pkmlm.memory.kernels
     sys.exit(main())

@@ -22,9 +22,9 @@ from pkmlm.checkpoint import CheckpointError
 from pkmlm.config import ConfigError
 from pkmlm.data import DataError
 from pkmlm.distributed import DistributedError, detect_env, resolve_device
-from pkmlm.evaluation import EvaluationError, load_trained
-from pkmlm.kernels import available as load_kernels, retain_freed_memory
-from pkmlm.sampling import SamplingError, check_options, generate
+from pkmlm.eval.evaluation import EvaluationError, load_trained
+from pkmlm.eval.sampling import SamplingError, check_options, generate
+from pkmlm.memory.kernels import available as load_kernels, retain_freed_memory
 
 
 def main(argv=None) -> int:
@@ -81,5 +81,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # CPU speed: see pkmlm.kernels
+    retain_freed_memory()  # CPU speed: see pkmlm.memory.kernels
     sys.exit(main())

@@ -16,12 +16,13 @@ import sys
 from pkmlm.checkpoint import CheckpointError
 from pkmlm.config import ConfigError, load_config
 from pkmlm.data import DataError
-from pkmlm.distributed import PREEMPTED_EXIT_CODE, DistributedError, detect_env
-from pkmlm.init_from import InitFromError
-from pkmlm.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
-from pkmlm.metrics import perplexity
-from pkmlm.trainer import TrainingError, train
-from pkmlm.values_file import ValuesFileError
+from pkmlm.distributed import DistributedError, detect_env
+from pkmlm.eval.evaluation import perplexity
+from pkmlm.memory.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.values_file import ValuesFileError
+from pkmlm.models.init_from import InitFromError
+from pkmlm.training.parallel import PREEMPTED_EXIT_CODE
+from pkmlm.training.trainer import TrainingError, train
 
 
 def main(argv=None) -> int:
@@ -59,5 +60,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    retain_freed_memory()  # CPU speed: see pkmlm.kernels
+    retain_freed_memory()  # CPU speed: see pkmlm.memory.kernels
     sys.exit(main())

@@ -12,7 +12,7 @@ Modes, at world > 1 (at world 1 there is nothing to exchange and all modes are o
   allgather: the value-gradient sync pkmlm used before (kept here as `padded_all_gather_sync`): all_gather
              of every rank's rows padded to the largest rank, concatenated, coalesced;
   union:     pkmlm.distributed.all_reduce_sparse_grads, replicated tables (the default);
-  sharded:   memory.shard_values=true (pkmlm/value_table.py): no gradient sync, lookups exchanged.
+  sharded:   memory.shard_values=true (pkmlm/memory/value_table.py): no gradient sync, lookups exchanged.
 A step is zero_grad, forward, backward (DDP for the dense parameters), value sync, RowAdam/Adam step.
 Bytes: the sizes of the result buffers of the value-table collectives (what a rank receives; an all_reduce
 counts its buffer once, a ring moves about 2(W-1)/W of it each way), counted by wrapping torch.distributed's
@@ -40,14 +40,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pkmlm import distributed as D  # noqa: E402
+from pkmlm import distributed as D
+from pkmlm.training import parallel as P  # noqa: E402
 from pkmlm.config import load_config  # noqa: E402
-from pkmlm.kernels import retain_freed_memory  # noqa: E402
+from pkmlm.memory.kernels import retain_freed_memory  # noqa: E402
 from pkmlm.memory import ProductKeyMemory, make_value_table  # noqa: E402
-from pkmlm.model import TransformerLM  # noqa: E402
-from pkmlm.optim import make_optimizers  # noqa: E402
-from pkmlm.sparse import coalesce_rows  # noqa: E402
-from pkmlm.value_table import ShardedValueTable, sharded_tables  # noqa: E402
+from pkmlm.models.transformer import TransformerLM  # noqa: E402
+from pkmlm.training.optim import make_optimizers  # noqa: E402
+from pkmlm.memory.sparse import coalesce_rows  # noqa: E402
+from pkmlm.memory.value_table import ShardedValueTable, sharded_tables  # noqa: E402
 
 VOCAB = 16_000
 
@@ -141,9 +142,9 @@ def worker(args) -> None:
     sharded = {id(t.weight) for t in sharded_tables(model).values()}
     values = [p for g in optim.values.param_groups for p in g["params"]]
     replicated = [p for p in values if id(p) not in sharded]
-    ddp = D.wrap_model(model, env, torch.device("cpu"), sparse_params=replicated,
+    ddp = P.wrap_model(model, env, torch.device("cpu"), sparse_params=replicated,
                        sharded_params=[p for p in values if id(p) in sharded])
-    sync = padded_all_gather_sync if args.mode == "allgather" else D.all_reduce_sparse_grads
+    sync = padded_all_gather_sync if args.mode == "allgather" else P.all_reduce_sparse_grads
     times, touched, union = [], [], []
     for step in range(args.steps + 1):
         counter.on = step > 0

@@ -17,7 +17,7 @@ lr 1e-2, dense). A last table times the value-table update alone: torch.optim.Sp
 on the same sparse gradient. Between them, the floor of pkmlm's step at each size from rates measured
 on this machine (copy bandwidth, matmul FLOP/s; see step_floor) and the step's ratio to it.
 
-Like train.py, the bench first calls pkmlm.kernels.retain_freed_memory(), which applies to every
+Like train.py, the bench first calls pkmlm.memory.kernels.retain_freed_memory(), which applies to every
 layer timed here; pkmlm's compiled CPU kernels are used unless PKMLM_CPU_KERNELS=0 (the header line
 says which).
 """
@@ -32,9 +32,9 @@ import time
 import torch
 from torch import nn
 
-from pkmlm.kernels import available as kernels_available, retain_freed_memory, simd_path
+from pkmlm.memory.kernels import available as kernels_available, retain_freed_memory, simd_path
 from pkmlm.memory import ProductKeyMemory
-from pkmlm.optim import RowAdam, make_optimizers
+from pkmlm.training.optim import RowAdam, make_optimizers
 
 DIM, HEADS, KNN, K_DIM, BATCH, SEQ = 256, 4, 32, 256, 8, 256
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from pkmlm.metrics import perplexity
+from pkmlm.eval.evaluation import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,7 @@ import torch
 from pkmlm import checkpoint as ckpt
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import eval_batches
-from pkmlm.evaluation import find_checkpoint, load_model
+from pkmlm.eval.evaluation import find_checkpoint, load_model
 
 
 def diagnose(run: Path, split: str, max_tokens: int) -> dict[str, dict]:

@@ -1,5 +1,5 @@
 """Memories larger than RAM: a memory layer's training step with its value table in RAM or in
-memory-mapped files (`memory.values_file`, pkmlm/values_file.py).
+memory-mapped files (`memory.values_file`, pkmlm/memory/values_file.py).
 
     python bench/values_file.py --n-keys 1024                          # table and Adam state in RAM
     python bench/values_file.py --n-keys 2048 --values-file /disk/v    # in files there (deleted after)
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from pkmlm import values_file as vfile
-from pkmlm.kernels import retain_freed_memory, simd_path
+from pkmlm.memory import values_file as vfile
+from pkmlm.memory.kernels import retain_freed_memory, simd_path
 from pkmlm.memory import ProductKeyMemory, make_value_table
-from pkmlm.optim import make_optimizers
+from pkmlm.training.optim import make_optimizers
 
 DIM, HEADS, KNN, K_DIM, BATCH, SEQ = 1024, 4, 32, 512, 4, 256
 

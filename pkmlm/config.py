@@ -56,8 +56,8 @@ class MemoryConfig:
     query_dropout: float = 0.0
     value_dropout: float = 0.0
     share_values: bool = False
-    shard_values: bool = False  # each process holds v_dim / world_size columns of every table (pkmlm/value_table.py)
-    reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/reinit.py
+    shard_values: bool = False  # each process holds v_dim / world_size columns of every table (pkmlm/memory/value_table.py)
+    reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/training/reinit.py
     reinit_min_count: int = 1  # a slot read fewer times than this in the window is dead
     values_file: Optional[str] = None  # the value table and its Adam state in memory-mapped files here
     # Memory+ and the papers' ablations (docs/config.md).

@@ -1,41 +1,26 @@
-"""Multi-process training: launcher environment, process group, DDP wrapping, sparse value grads, preemption.
+"""Processes: the launcher's environment, the device, the process group and the few collectives that
+evaluation and training share.
 
 One process per device. The launcher is torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set for us),
 Slurm's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first host of the job), or nothing
-(one process). NCCL on CUDA, gloo on CPU.
-
-Memory value tables get row-sparse gradients, which NCCL cannot all-reduce. Replicated tables are therefore hidden
-from DDP and averaged here over the union of the rows any rank touched (``all_reduce_sparse_grads``), with dense
-collectives that work on every backend; ``check_replicas`` verifies at checkpoint time that the copies agree.
-Sharded tables (pkmlm/value_table.py) need no gradient sync: DDP ignores them too.
+(one process). NCCL on CUDA, gloo on CPU. Training's data-parallel wrapping, value-gradient sync and
+preemption signals live in pkmlm/training/parallel.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-
-from pkmlm.sparse import coalesce_rows
 
 DEFAULT_MASTER_PORT = 29500
 # A collective waiting longer than this raises on every rank instead of hanging (train.dist_timeout_s).
 DEFAULT_TIMEOUT_S = 1800.0
-# Exit status of a run that stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL: "try again later").
-PREEMPTED_EXIT_CODE = 75
-# SIGUSR1 (Slurm's warning before the time limit): checkpoint, requeue the job, exit.
-# SIGTERM (scancel, a shutdown, Slurm preemption that requeues by itself): checkpoint, exit, no requeue.
-REQUEUE_SIGNAL = signal.SIGUSR1
-STOP_SIGNAL = signal.SIGTERM
 
 
 class DistributedError(Exception):
@@ -135,141 +120,6 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_params: Iterable[nn.Parameter],
-               sharded_params: Iterable[nn.Parameter] = (), sync_batchnorm: bool = False) -> nn.Module:
-    """DDP-wrap ``model`` (returned unchanged for one process), leaving ``sparse_params`` to us and
-    ``sharded_params`` (each rank holds its own slice: pkmlm/value_table.py) alone.
-
-    BatchNorm statistics stay per rank between evaluations (``average_batchnorm_stats`` joins them) unless
-    ``sync_batchnorm``. The ignored
-    parameters are broadcast from rank 0 here, as DDP would have done for them.
-    """
-    if env.world_size == 1:
-        return model
-    if sync_batchnorm and device.type != "cuda":
-        raise DistributedError("train.sync_batchnorm=true needs CUDA devices (torch syncs BatchNorm on GPUs "
-                               "only); set it to false on the CPU")
-    if sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sparse_ids = {id(p) for p in sparse_params}
-    skipped = sparse_ids | {id(p) for p in sharded_params}
-    # Every name of a shared table, so that DDP skips it whichever module it finds it under.
-    ignored = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in skipped]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
-        dist.broadcast(p.data, src=0)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
-
-
-@torch.no_grad()
-def all_reduce_sparse_grads(params: Iterable[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over ranks in place; row-sparse ones stay row-sparse.
-
-    A row-sparse grad (rows, dim) becomes the average over the union U of the rows any rank touched: the
-    union is agreed first (``union_rows``: ids or a bitmap, whichever is smaller), each rank scatters its
-    summed rows into a zeroed (|U|, dim) buffer, and one all_reduce sums the buffers. Per rank this moves
-    and holds |U| x dim values (ring all-reduce: about twice that on the wire), never more than a dense
-    all-reduce of the table, and every rank gets the same bits. Dense grads are all-reduced. Every rank
-    must call this with the same parameters in the same order.
-    """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is None:
-            raise RuntimeError("a memory value table got no gradient on this rank; all ranks must use every memory")
-        if not p.grad.is_sparse:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-            continue
-        grad = coalesce_rows(p.grad)
-        rows, values = grad._indices()[0], grad._values()
-        union = union_rows(rows, grad.shape[0])
-        summed = values.new_zeros((union.numel(), *values.shape[1:]))
-        summed.index_copy_(0, torch.searchsorted(union, rows), values)
-        del grad, values
-        p.grad = None  # frees this rank's rows before the all-reduce
-        dist.all_reduce(summed)
-        summed.div_(world)
-        p.grad = torch.sparse_coo_tensor(union.unsqueeze(0), summed, p.shape, is_coalesced=True,
-                                         check_invariants=False)
-
-
-def union_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The sorted union over ranks of each rank's unique row ids ``rows`` (R,) in [0, num_rows): (U,) int64.
-
-    All ranks must call. Sends world x max(R) int32 ids (all_gather) or a num_rows-byte bitmap (all_reduce
-    MAX), whichever is smaller; both give every rank the same union.
-    """
-    world = world_size()
-    if world == 1:
-        return rows.long()
-    longest = all_reduce_max(torch.tensor([rows.numel()], device=rows.device))
-    longest = int(longest)
-    id_dtype = torch.int32 if num_rows < 2**31 else torch.int64
-    if world * longest * id_dtype.itemsize < num_rows:
-        padded = torch.full((longest,), -1, dtype=id_dtype, device=rows.device)
-        padded[:rows.numel()] = rows
-        everyone = padded.new_empty(world * longest)
-        dist.all_gather_single(everyone, padded)
-        return torch.unique(everyone[everyone >= 0]).long()  # sorted
-    touched = torch.zeros(num_rows, dtype=torch.uint8, device=rows.device)
-    touched[rows] = 1
-    dist.all_reduce(touched, op=dist.ReduceOp.MAX)
-    return touched.nonzero().flatten()
-
-
-class ReplicaDriftError(DistributedError):
-    """A tensor that must be identical on every rank is not."""
-
-
-@torch.no_grad()
-def check_replicas(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Raise ReplicaDriftError on every rank when a tensor differs between ranks (all ranks must call).
-
-    Each rank hashes its copy of each tensor (blake2b of the bytes: exact, ~1 s per GB on a CPU core) and
-    all-gathers the digests, so the check moves a few bytes per tensor. Meant for checkpoint time.
-    """
-    if world_size() == 1:
-        return
-    named = list(named_tensors)
-    everyone = all_gather_object([_digest(t) for _, t in named])
-    names = [name for name, _ in named]
-    for i, name in enumerate(names):
-        values = [d[i] for d in everyone]
-        if len(set(values)) > 1:
-            odd = [r for r, v in enumerate(values) if v != values[0]]
-            raise ReplicaDriftError(
-                f"{name} differs between ranks (ranks {odd} disagree with rank 0): the replicas drifted apart, "
-                "so this run's weights are no longer one model. Not checkpointing; resume from the last "
-                "checkpoint (each rank then loads the same weights), and report it if it recurs")
-
-
-def _digest(t: torch.Tensor, chunk_bytes: int = 1 << 26) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    flat = t.detach().contiguous().view(-1).view(torch.uint8)
-    for start in range(0, flat.numel(), chunk_bytes):
-        h.update(flat[start:start + chunk_bytes].cpu().numpy())
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def average_batchnorm_stats(model: nn.Module) -> None:
-    """Average every BatchNorm's running mean and variance over ranks in place (all ranks must call).
-
-    Each rank's statistics follow its own batches; validation and checkpoints should use those of all the
-    data, so the trainer averages them first (a few vectors). No-op for one process.
-    """
-    if world_size() == 1:
-        return
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
-            for stat in (m.running_mean, m.running_var):
-                dist.all_reduce(stat)
-                stat.div_(world_size())
-
-
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
@@ -301,42 +151,3 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-class PreemptionHandler:
-    """Turns SIGUSR1 (Slurm's advance warning: requeue) and SIGTERM (stop) into a flag the loop polls between
-    steps; ``signal`` is the last one received (SIGTERM is kept once seen: a stop is never turned into a requeue)."""
-
-    SIGNALS = (REQUEUE_SIGNAL, STOP_SIGNAL)
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def install(self) -> "PreemptionHandler":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal != STOP_SIGNAL:
-            self.signal = signal.Signals(signum)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-
-def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> bool:
-    """``scontrol requeue $SLURM_JOB_ID`` when running under Slurm; returns whether a requeue was asked for."""
-    env = os.environ if environ is None else environ
-    job = env.get("SLURM_JOB_ID")
-    if not job:
-        return False
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    return result.returncode == 0

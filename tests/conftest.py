@@ -12,7 +12,7 @@ from pkmlm.config import Config
 from pkmlm.data.corpora import bbc_news
 from pkmlm.data.prepare import MergeSettings, prepare
 from pkmlm.data.shards import write_split
-from pkmlm.trainer import train
+from pkmlm.training.trainer import train
 
 
 def write_random_corpus(root: Path, splits: dict[str, tuple[int, int]], *, vocab: int, vocab_hash: str,

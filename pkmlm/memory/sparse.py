@@ -1,0 +1,59 @@
+"""Row-sparse gradients of memory value tables: the helpers the optimizer, clipping and the sync share.
+
+A value table's gradient is a sparse COO tensor (table_rows, v_dim) with one index dimension: only the rows a
+step read. Autograd drops its "coalesced" flag even when its rows are already unique and sorted.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+import torch
+
+
+def coalesce_rows(grad: Tensor) -> Tensor:
+    """A row-sparse gradient with unique, sorted rows, marked coalesced.
+
+    Autograd drops the "coalesced" flag of pkmlm.memory's already summed, sorted gradient; checking its rows
+    is far cheaper than coalesce()'s sort and copy of all values, which runs only when rows repeat or are
+    out of order (e.g. nn.EmbeddingBag's own gradient).
+    """
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if (rows[1:] > rows[:-1]).all():
+        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return grad.coalesce()
+
+
+def summed_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """A row-sparse gradient as (rows (R,), one summed gradient row each (R, ...)), rows unique."""
+    if not grad.is_sparse:
+        raise ValueError("RowAdam needs sparse gradients: build the value table with sparse=True, "
+                         "or give a dense table to a dense optimizer")
+    grad = coalesce_rows(grad)  # sums duplicate rows, so each row is updated once
+    return grad._indices()[0], grad._values()
+
+
+def row_sparse_grad(indices: Tensor, weights: Tensor, grad_out: Tensor, shape) -> Tensor:
+    """The table gradient of out[n] = sum_r weights[n, r] * table[indices[n, r]]: row-sparse, coalesced.
+
+    indices, weights (N, R); grad_out (N, dim); shape: the table's (rows, dim). One summed row per slot read:
+    an embedding bag over grad_out of the tokens that read it, weighted by their weights (nn.EmbeddingBag's
+    own sparse gradient would hold N * R rows and leave the summing to a costly coalesce). On the CPU in
+    float32 the compiled kernel does it in one pass after a counting sort of the slots (pkmlm.memory.kernels; imported
+    here, not at the top: distributed.py uses this module's coalescing helpers and must not load the kernels).
+    """
+    from pkmlm.memory import kernels
+
+    if indices.dtype == torch.long and kernels.usable(weights, grad_out):
+        rows, row_grads = torch.ops.pkmlm.row_sparse_grad(indices.contiguous(), weights.contiguous(),
+                                                          grad_out.contiguous(), shape[0])
+    else:
+        # int32 keys (slot ids < 2**31) sort markedly faster on CPU than int64.
+        slots, order = indices.reshape(-1).int().sort()
+        rows, counts = torch.unique_consecutive(slots, return_counts=True)
+        row_grads = torch.nn.functional.embedding_bag(order // indices.shape[1], grad_out, counts.cumsum(0) - counts,
+                                                      mode="sum", per_sample_weights=weights.reshape(-1)[order])
+    return torch.sparse_coo_tensor(rows.long().unsqueeze(0), row_grads, shape, is_coalesced=True,
+                                   check_invariants=False)
