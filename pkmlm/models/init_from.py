@@ -43,7 +43,7 @@ class InitReport:
     copied: list[str]  # in both, copied exactly
     new: list[str]  # only in the model: left as initialised (the memories)
     ignored: list[str]  # only in the source: not used
-    silenced: list[str] = field(default_factory=list)  # new parallel/after memories whose output starts at exactly zero (module names)
+    silenced: list[str] = field(default_factory=list)  # new parallel/after memories, output zeroed at the start
 
     def summary(self) -> str:
         def names(items):

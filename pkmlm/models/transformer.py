@@ -152,9 +152,10 @@ class CausalSelfAttention(nn.Module):
         if window is not None and S > window:  # ... and only the last `window` of them
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past) \
                 .triu(diagonal=past - window + 1)
+        if Hkv != H:  # each key/value head serves its group of query heads
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
-                                           dropout_p=self.attn_dropout if self.training else 0.0,
-                                           enable_gqa=Hkv != H)
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * dh))
 
 
