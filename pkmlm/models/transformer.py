@@ -310,6 +310,8 @@ class TransformerLM(nn.Module):
         if (idx.shape[1] if self.rope else T) > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}; "
                              f"use a shorter data.bptt or a larger model.max_seq_len")
+        if cache is not None and cache.window is not None and not self.rope:
+            raise ValueError("a KVCache window slides RoPE positions only; with learned positions leave it None")
         pos = torch.arange(past, T, device=idx.device)
         rope, window = None, None
         if self.rope:

@@ -242,6 +242,8 @@ def test_rope_cache_slides_beyond_max_seq_len():
         model(idx[:, :9])  # one input is still bounded by max_seq_len
     with pytest.raises(ValueError, match="cache window 9 exceeds"):
         model(idx[:, :2], KVCache(len(model.blocks), window=9))
+    with pytest.raises(ValueError, match="slides RoPE positions only"):
+        build(config())(idx[:, :2], KVCache(2, window=4))
 
 
 @torch.no_grad()
@@ -300,3 +302,27 @@ def test_invalid_options_are_one_line_config_errors(override, expected):
 def test_head_dim_lifts_the_divisibility_rule():
     assert config(n_heads=5, head_dim=8).model.head_size() == 8
     assert config(n_kv_heads=0).model.kv_heads() == 4
+
+
+# --- checkpoints from before these keys ----------------------------------------------------------------------
+
+def test_checkpoint_without_the_new_keys_resumes_and_evaluates(tmp_path, random_corpus):
+    from pkmlm.checkpoint import latest_checkpoint, load_checkpoint
+    from pkmlm.eval.evaluation import load_model
+    from pkmlm.training.trainer import train
+
+    random_corpus(tmp_path / "data", {"train": (20, 30), "valid": (20, 30)}, vocab=V, vocab_hash="v", eos_id=1)
+    raw = {"model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "max_seq_len": 8},
+           "data": {"dir": str(tmp_path / "data"), "batch_size": 4, "bptt": 8},
+           "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2, "warmup_steps": 1, "eval_every": 2,
+                     "eval_batches": 1, "device": "cpu"}}
+    train(Config.from_dict(raw))
+    path = latest_checkpoint(tmp_path / "run")
+    state = load_checkpoint(path)
+    for key in ("norm", "norm_eps", "position_encoding", "rope_theta", "ffn", "ffn_hidden", "n_kv_heads",
+                "head_dim", "bias", "attn_qkv_bias", "attn_qk_norm", "tie_embeddings"):
+        del state["config"]["model"][key]  # as written before these keys existed
+    torch.save(state, path)
+    assert load_model(state, path, torch.device("cpu")).state_dict().keys() == state["model"].keys()
+    raw["train"]["max_steps"] = 3
+    assert train(Config.from_dict(raw), resume="latest").step == 3
