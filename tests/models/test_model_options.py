@@ -326,3 +326,32 @@ def test_checkpoint_without_the_new_keys_resumes_and_evaluates(tmp_path, random_
     assert load_model(state, path, torch.device("cpu")).state_dict().keys() == state["model"].keys()
     raw["train"]["max_steps"] = 3
     assert train(Config.from_dict(raw), resume="latest").step == 3
+
+
+@pytest.mark.slow
+def test_llama_run_trains_evaluates_and_generates_past_max_seq_len(text_run, tmp_path, capsys):
+    """A Llama-style memory run end to end on real text: train, evaluate, and generate.py beyond max_seq_len."""
+    import sys
+
+    from conftest import text_run_config
+    from pkmlm.eval.evaluation import evaluate_checkpoint
+    from pkmlm.training.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import generate as generate_cli  # the script at the repository root
+
+    data_dir, _ = text_run
+    raw = text_run_config(data_dir, tmp_path / "run", max_steps=6, eval_every=6)
+    raw["model"].update(LLAMA, max_seq_len=16)  # = data.bptt: generation runs past it with a sliding cache
+    raw["memory"].update(positions=["1:parallel"], gated=True, qk_norm=True, query_batchnorm=False)
+    result = train(Config.from_dict(raw))
+    assert result.losses[6] < result.losses[1]
+    row = evaluate_checkpoint(tmp_path / "run", splits=["valid"])
+    assert row["valid_ppl"] > 1
+    common = [str(tmp_path / "run"), "--prompt", "The minister", "--max-new-tokens", "40", "--temperature", "1.0",
+              "--top-k", "0", "--top-p", "1.0"]
+    assert generate_cli.main(common) == 0
+    out = capsys.readouterr()
+    assert "40 new tokens in" in out.err  # 8 prompt + 40 new positions > max_seq_len 16
+    assert generate_cli.main([*common, "--no-cache"]) == 0
+    assert capsys.readouterr().out == out.out
