@@ -96,10 +96,22 @@ def _check_block_options(model: nn.Module, state: dict, path: Path) -> None:
         return
     saved = Config.from_dict(state["config"], source=f"{path} (saved config)").model  # old files: defaults
     for key in BLOCK_OPTIONS:
-        theirs, ours = getattr(saved, key), getattr(config.model, key)
+        theirs, ours = _effective(saved, key), _effective(config.model, key)
         if theirs != ours:
+            theirs, ours = getattr(saved, key), getattr(config.model, key)
             raise InitFromError(f"cannot initialise from {path}: model.{key} is {theirs!r} there and {ours!r} in this "
                                 f"config; set model.{key}={_yaml(theirs)} (the block options must match the source's)")
+
+
+def _effective(m, key: str):
+    """The value a block option acts with (0 and null resolved), so equivalent spellings are not refused."""
+    if key == "n_kv_heads":
+        return m.kv_heads()
+    if key == "head_dim":
+        return m.head_size()
+    if key == "attn_qkv_bias":
+        return m.bias if m.attn_qkv_bias is None else m.attn_qkv_bias
+    return getattr(m, key)
 
 
 def _yaml(value) -> str:

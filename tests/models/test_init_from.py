@@ -185,6 +185,12 @@ def test_other_block_options_are_refused(dense, option, value, fix):
         init_from_checkpoint(_model(data_dir, ["1:parallel"], **{option: value}), path)
 
 
+def test_equivalent_block_spellings_are_accepted(dense):
+    data_dir, path = dense  # the source has 0 = n_heads, 0 = d_model / n_heads, null = bias
+    report = init_from_checkpoint(_model(data_dir, ["1:parallel"], n_kv_heads=2, head_dim=8, attn_qkv_bias=True), path)
+    assert report.ignored == []
+
+
 def test_other_vocabulary_is_refused(dense):
     data_dir, path = dense
     with pytest.raises(CheckpointError, match="vocabulary v1 but the data has v2"):
