@@ -9,6 +9,9 @@ the model never sees more than `window` tokens: the prompt's last `window`, and 
 window, its context drops to the last `window // 2` tokens (re-encoded into a fresh cache) and grows again.
 Without the cache every step re-reads the same context from scratch, so both give the same tokens (tested).
 
+On the CPU the one-token steps run with the thread count `ThreadTuner` (pkmlm/eval/threads.py) measures on
+the first steps (or `threads`); encoding the prompt keeps torch's default.
+
 Randomness comes only from one CPU torch.Generator per sample, seeded with that sample's seed: the same
 seed gives the same text on any device, and sample i of a batch equals a single sample with seed i.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pkmlm.eval.threads import ThreadTuner
 from pkmlm.models.transformer import KVCache
 from pkmlm.precision import autocast
 
@@ -64,11 +68,13 @@ def next_token_probs(logits: Tensor, *, temperature: float, top_k: int = 0, top_
 @torch.no_grad()
 def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window: int, seeds: list[int],
              temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, use_cache: bool = True,
-             stop_id: int | None = None, precision: str = "fp32") -> list[list[int]]:
+             stop_id: int | None = None, precision: str = "fp32", threads: int | ThreadTuner = 0) -> list[list[int]]:
     """One continuation of `prompt` (non-empty list of ids) per seed: its new ids, at most `max_new_tokens`.
 
     A sample ends at `stop_id` (the end of document; not included). `window`: the most positions the model
     sees (at most its max_seq_len); see the module docstring. The model's train/eval mode is restored.
+    threads: CPU threads of the one-token steps (0: measured on the first steps), or a ThreadTuner to use
+    and read back (its `chosen`); torch's own count is restored on return.
     """
     check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompt:
@@ -76,6 +82,7 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
     if not 1 <= window <= model.max_seq_len:
         raise SamplingError(f"window must be in [1, model.max_seq_len={model.max_seq_len}], got {window}")
     device = next(model.parameters()).device
+    tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     seq = torch.tensor([prompt] * len(seeds), dtype=torch.long, device=device)  # (N, L)
     start = max(0, seq.shape[1] - window)  # first position of the context
@@ -94,6 +101,9 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
                 elif cache is None or cache_start != start:  # a fresh cache over the new context
                     cache, cache_start = KVCache(len(model.blocks)), start
                     logits = model(seq[:, start:], cache)
+                elif device.type == "cpu":
+                    with tuner.step():
+                        logits = model(seq[:, -1:], cache)
                 else:
                     logits = model(seq[:, -1:], cache)
             probs = next_token_probs(logits[:, -1].cpu(), temperature=temperature, top_k=top_k, top_p=top_p)
