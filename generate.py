@@ -1,14 +1,16 @@
 """Sample text from a trained model.
 
     python generate.py runs/tiny_pkm --prompt "The government said" [--max-new-tokens 100] [--temperature 0.8]
-        [--top-k 40] [--top-p 0.95] [--seed 0] [--num-samples N] [--no-cache] [--precision fp32|bf16]
+        [--top-k 40] [--top-p 0.95] [--seed 0] [--num-samples N] [--no-cache] [--precision fp32|bf16] [--threads N]
     echo "Shares in the company" | python generate.py runs/tiny_pkm/checkpoints/step_0000300.pt
     python generate.py runs/tiny_pkm --prompt ""          (an empty prompt: a document from its start)
 
 The prompt goes through the run's own Moses tokenizer and BPE (the tokenizer of the data directory saved in the
 checkpoint, or --data-dir) and follows an end-of-document token, as a document's start did in training. Each
 sample is the prompt and its continuation as text, ending at the end of a document or after --max-new-tokens;
-speed goes to stderr. Sample i uses seed --seed + i, so the same seed gives the same text.
+speed goes to stderr. Sample i uses seed --seed + i, so the same seed gives the same text. On the CPU the
+one-token steps use the thread count measured fastest on the first steps (pkmlm/eval/threads.py), so the
+speed needs no OMP_NUM_THREADS; --threads N fixes it.
 Exit status: 0 done, 2 bad input (one line on stderr).
 """
 
@@ -24,6 +26,7 @@ from pkmlm.data import DataError
 from pkmlm.distributed import DistributedError, detect_env, resolve_device
 from pkmlm.eval.evaluation import EvaluationError, load_trained
 from pkmlm.eval.sampling import SamplingError, check_options, generate
+from pkmlm.eval.threads import ThreadTuner
 from pkmlm.memory.kernels import available as load_kernels, retain_freed_memory
 
 
@@ -42,6 +45,8 @@ def main(argv=None) -> int:
                         help="recompute the whole context every token instead of using the KV cache (same text)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of the one-token steps (default 0: the fastest, measured on the first steps)")
     parser.add_argument("--data-dir", help="prepared data directory with the run's tokenizer "
                                            "(default: the data.dir saved in the checkpoint)")
     args = parser.parse_args(argv)
@@ -51,6 +56,8 @@ def main(argv=None) -> int:
                       top_p=args.top_p)
         if args.num_samples < 1:
             raise SamplingError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if args.threads < 0:
+            raise SamplingError(f"--threads must be >= 0 (0: measure the fastest), got {args.threads}")
         if args.prompt is None and sys.stdin.isatty():
             raise SamplingError("no prompt: pass --prompt TEXT (\"\" for none) or pipe the prompt into stdin")
         prompt_text = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -59,10 +66,12 @@ def main(argv=None) -> int:
         prompt = [run.codec.eos_id] + run.codec.encode(prompt_text)
         seeds = [args.seed + i for i in range(args.num_samples)]
         load_kernels()  # the compiled CPU kernels load (or build) before the clock starts
+        tuner = ThreadTuner(args.threads)
         start = time.perf_counter()
         samples = generate(run.model, prompt, max_new_tokens=args.max_new_tokens, window=run.config.data.bptt,
                            seeds=seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           use_cache=not args.no_cache, stop_id=run.codec.eos_id, precision=args.precision)
+                           use_cache=not args.no_cache, stop_id=run.codec.eos_id, precision=args.precision,
+                           threads=tuner)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -76,8 +85,16 @@ def main(argv=None) -> int:
     tokens = sum(map(len, samples))
     print(f"{run.checkpoint} (step {run.step}): {tokens} new tokens in {seconds:.2f} s, "
           f"{tokens / seconds if seconds > 0 else float('inf'):.1f} tokens/s ({len(prompt)} prompt tokens, "
-          f"{'no ' if args.no_cache else ''}KV cache, {device.type} {args.precision})", file=sys.stderr)
+          f"{'no ' if args.no_cache else ''}KV cache, {device.type} {args.precision}"
+          f"{_threads_note(tuner) if device.type == 'cpu' and not args.no_cache else ''})", file=sys.stderr)
     return 0
+
+
+def _threads_note(tuner: ThreadTuner) -> str:
+    if tuner.chosen is None:
+        return ", too few steps to measure threads"
+    return f", {tuner.chosen} thread{'s' if tuner.chosen > 1 else ''} per step" + (
+        "" if len(tuner.candidates) == 1 or not any(tuner.times.values()) else " (measured)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ layer's query sees the last `window` keys at their absolute positions) and nothi
 Without the cache every step re-reads the same context from scratch (for RoPE: from the prompt's window on, in
 chunks of `window` through a fresh sliding cache), so both give the same tokens (tested).
 
+On the CPU the one-token steps run with the thread count `ThreadTuner` (pkmlm/eval/threads.py) measures on
+the first steps (or `threads`); encoding the prompt keeps torch's default.
+
 Randomness comes only from one CPU torch.Generator per sample, seeded with that sample's seed: the same
 seed gives the same text on any device, and sample i of a batch equals a single sample with seed i.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pkmlm.eval.threads import ThreadTuner
 from pkmlm.models.transformer import KVCache
 from pkmlm.precision import autocast
 
@@ -41,37 +45,52 @@ def check_options(*, max_new_tokens: int, temperature: float, top_k: int, top_p:
         raise SamplingError(f"--top-p must be in (0, 1] (1: off), got {top_p}")
 
 
-def next_token_probs(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """(N, V) logits -> (N, V) float32 probabilities after temperature, top-k, then top-p (nucleus).
+def candidates(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(N, V) logits -> (probs (N, K), ids (N, K)): the tokens that can be drawn (most likely first when
+    filtered; the vocabulary in order when not) and their probabilities after temperature, top-k, then top-p
+    (nucleus); dropped tokens get probability 0.
 
-    temperature 0 puts all mass on the most likely token. top_k keeps the k most likely tokens (0: all);
-    top_p keeps the fewest most likely tokens whose probability sums to at least top_p (1: all).
+    temperature 0 puts all mass on the most likely token (K = 1). top_k keeps the k most likely tokens (0: all);
+    top_p keeps the fewest most likely tokens whose probability sums to at least top_p (1: all). With top-k the
+    rest of the work is on K = top_k columns, not the vocabulary: drawing from 40 tokens instead of 16,000 is
+    what makes a sampling step cheap next to the model's forward.
     """
     logits = logits.float()
     if temperature == 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
+        ids = logits.argmax(-1, keepdim=True)
+        return torch.ones(ids.shape), ids
     if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
+        values, ids = logits.topk(top_k, dim=-1)  # sorted, most likely first
+    elif top_p < 1:
+        values, ids = logits.sort(dim=-1, descending=True)
+    else:
+        values, ids = logits, torch.arange(logits.shape[-1]).expand_as(logits)
+    probs = (values / temperature).softmax(-1)
     if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # A token is dropped when the more likely ones before it already hold top_p.
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        drop = probs.cumsum(-1) - probs >= top_p
+        probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return probs, ids
+
+
+def next_token_probs(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(N, V) logits -> (N, V) float32 probabilities after temperature, top-k, then top-p: `candidates`
+    scattered over the whole vocabulary."""
+    probs, ids = candidates(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.zeros(logits.shape).scatter_(-1, ids, probs)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window: int, seeds: list[int],
              temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, use_cache: bool = True,
-             stop_id: int | None = None, precision: str = "fp32") -> list[list[int]]:
+             stop_id: int | None = None, precision: str = "fp32", threads: int | ThreadTuner = 0) -> list[list[int]]:
     """One continuation of `prompt` (non-empty list of ids) per seed: its new ids, at most `max_new_tokens`.
 
     A sample ends at `stop_id` (the end of document; not included). `window`: the most positions the model
     sees (at most its max_seq_len); see the module docstring. The model's train/eval mode is restored.
+    threads: CPU threads of the one-token steps (0: measured on the first steps), or a ThreadTuner to use
+    and read back (its `chosen`); torch's own count is restored on return.
     """
     check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompt:
@@ -79,6 +98,7 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
     if not 1 <= window <= model.max_seq_len:
         raise SamplingError(f"window must be in [1, model.max_seq_len={model.max_seq_len}], got {window}")
     device = next(model.parameters()).device
+    tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     seq = torch.tensor([prompt] * len(seeds), dtype=torch.long, device=device)  # (N, L)
     start = max(0, seq.shape[1] - window)  # first position of the context
@@ -101,10 +121,13 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
                 elif cache is None or cache_start != start:  # a fresh cache over the new context
                     cache, cache_start = KVCache(len(model.blocks), window if sliding else None), start
                     logits = model(seq[:, start:], cache)
+                elif device.type == "cpu":
+                    with tuner.step():
+                        logits = model(seq[:, -1:], cache)
                 else:
                     logits = model(seq[:, -1:], cache)
-            probs = next_token_probs(logits[:, -1].cpu(), temperature=temperature, top_k=top_k, top_p=top_p)
-            token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+            probs, ids = candidates(logits[:, -1].cpu(), temperature=temperature, top_k=top_k, top_p=top_p)
+            token = torch.cat([i[torch.multinomial(p, 1, generator=g)] for p, i, g in zip(probs, ids, generators)])
             for i, t in enumerate(token.tolist()):
                 if not done[i]:
                     if t == stop_id:

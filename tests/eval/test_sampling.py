@@ -13,7 +13,7 @@ from pkmlm.config import Config
 from pkmlm.data.shards import open_split
 from pkmlm.eval.evaluation import load_trained
 from pkmlm.models.transformer import KVCache, TransformerLM
-from pkmlm.eval.sampling import SamplingError, generate, next_token_probs
+from pkmlm.eval.sampling import SamplingError, candidates, generate, next_token_probs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import generate as generate_cli  # noqa: E402  (the script at the repository root)
@@ -68,6 +68,34 @@ def test_next_token_probs_filters():
     # Temperature sharpens before the filters: at 0.5, p ~ p**2.
     sharp = next_token_probs(logits, temperature=0.5)
     torch.testing.assert_close(sharp, logits.exp() ** 2 / (logits.exp() ** 2).sum())
+
+
+def _full_vocab_probs(logits, temperature, top_k, top_p):
+    """The filters over the whole vocabulary, step by step: mask below the k-th logit, softmax, sort, cut."""
+    logits = logits / temperature
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    probs = logits.softmax(-1)
+    out = torch.zeros_like(probs)
+    for row, p in enumerate(probs):
+        total = 0.0
+        for i in p.argsort(descending=True).tolist():
+            if total >= top_p:
+                break
+            out[row, i], total = p[i], total + float(p[i])
+    return out / out.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 40, 0.95), (1.3, 7, 1.0),
+                                                       (0.7, 0, 0.5), (1.0, 999, 0.9)])
+def test_candidates_equal_the_filters_over_the_whole_vocabulary(temperature, top_k, top_p):
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    probs, ids = candidates(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert ids.shape[1] == (top_k or 1000)
+    if top_k or top_p < 1:
+        assert bool((probs[:, :-1] >= probs[:, 1:]).all())  # most likely first
+    torch.testing.assert_close(next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p),
+                               _full_vocab_probs(logits, temperature, top_k, top_p), rtol=1e-5, atol=1e-6)
 
 
 def test_generate_seeds_cache_and_window():
