@@ -80,22 +80,27 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
 
 
 def shard_model(model: nn.Module, *, ignored: set[nn.Parameter], precision: str = "fp32") -> nn.Module:
-    """FSDP2 in place over the default process group: ``fully_shard`` each memory, each block, then the root.
+    """FSDP2 in place over the default process group: ``fully_shard`` each memory, each block's attention and
+    feed-forward, each block (its norms), then the root (embeddings, final norm), as torchtitan groups a model.
 
     ``ignored`` (the value tables, row-sparse or already sharded) stay plain tensors outside FSDP. Every rank must
-    hold the same weights when called (the same seed, or the same checkpoint loaded). Mixed precision for bf16:
-    the blocks' weights are all-gathered in bf16 and their gradients reduce-scattered in fp32; the embeddings and
-    the memories (candidate search, query BatchNorm) gather fp32 weights, and no input is cast, so the residual
-    stream and every op keep the dtypes ``torch.autocast`` gives them under DDP (autocast stays on either way).
+    hold the same weights when called (the same seed, or the same checkpoint loaded). Mixed precision for bf16: the
+    attention and feed-forward weights are all-gathered in bf16 and their gradients reduce-scattered in fp32; the
+    rest (norms, embeddings, the memories' keys and query network) gathers fp32 weights and no input is cast. So
+    every op sees the dtypes ``torch.autocast`` (on either way) gives it under DDP: autocast runs those matmuls in
+    bf16 from weights rounded the same way, and keeps the residual stream and norms in fp32.
     """
     fp32 = MixedPrecisionPolicy()
-    blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                  cast_forward_inputs=False) if precision == "bf16" else fp32
+    matmuls = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if precision == "bf16" else fp32
     for module in model.modules():
         if isinstance(module, ProductKeyMemory) and _owns_parameters(module, ignored):
             fully_shard(module, mp_policy=fp32, ignored_params=ignored)
     for block in getattr(model, "blocks", ()):
-        fully_shard(block, mp_policy=blocks, ignored_params=ignored)
+        for part in (getattr(block, "attn", None), getattr(block, "ffn", None)):
+            if part is not None:
+                fully_shard(part, mp_policy=matmuls, ignored_params=ignored)
+        fully_shard(block, mp_policy=fp32, ignored_params=ignored)
     fully_shard(model, mp_policy=fp32, ignored_params=ignored)
     return model
 
