@@ -17,6 +17,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import warnings
 from contextlib import contextmanager
 from typing import Iterable, Mapping
 
@@ -90,6 +91,10 @@ def shard_model(model: nn.Module, *, ignored: set[nn.Parameter], precision: str 
     every op sees the dtypes ``torch.autocast`` (on either way) gives it under DDP: autocast runs those matmuls in
     bf16 from weights rounded the same way, and keeps the residual stream and norms in fp32.
     """
+    # Memory, attention and FFN return reshaped views; FSDP warns that an in-place op on one would skip its backward
+    # hook. The blocks add them out of place (x = x + ...), so the warning would only alarm.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(ProductKeyMemory|CausalSelfAttention|"
+                            r"FeedForward)\) returned a view")
     fp32 = MixedPrecisionPolicy()
     matmuls = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                    cast_forward_inputs=False) if precision == "bf16" else fp32
