@@ -66,12 +66,12 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, sharded: frozen
     DTensor grads are slices too, found by their type.
     """
     grads, sharded_grads = [], []
-    split = bool(sharded)  # the same on every rank: sharding follows the model, not the data
+    # The same on every rank: sharding follows the model, not the data.
+    split = bool(sharded) or any(P.is_shard(p) for p in params)
     for p in params:
         if p.grad is None:
             continue
         if P.is_shard(p.grad):
-            split = True
             sharded_grads.append(P.local_tensor(p.grad))  # clipped in place through this view of the shard
         elif p.grad.is_sparse:
             p.grad = coalesce_rows(p.grad)  # duplicate rows must be summed before their norm means anything
@@ -79,11 +79,13 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, sharded: frozen
         else:
             (sharded_grads if id(p) in sharded else grads).append(p.grad)
     if split:
+        # On the parameters' device even when this rank has no such grads: NCCL reduces CUDA tensors only.
+        device = params[0].device
         squares = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in sharded_grads]).sum() \
-            if sharded_grads else torch.zeros(())
+            if sharded_grads else torch.zeros((), device=device)
         own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-            if grads else torch.zeros(())
-        norm = (own.square() + D.all_reduce_sum(squares.to(own.device))).sqrt()
+            if grads else torch.zeros((), device=device)
+        norm = (own.square() + D.all_reduce_sum(squares.to(device))).sqrt()
         grads += sharded_grads
     elif not grads:
         return 0.0
