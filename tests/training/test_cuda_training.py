@@ -1,11 +1,12 @@
 """Training, evaluation and generation on a CUDA GPU: 20 steps in fp32, bf16 and fp16 lower the loss and resume
-exactly; checkpoints evaluate and generate on CUDA as on the CPU.
+exactly; a checkpoint evaluates (API and evaluate.py) and generates on CUDA as on the CPU.
 
 Marked `cuda` (scripts/gpu_check.sh runs them); without a GPU every test skips with the reason. Resume on CUDA is
 compared within a tolerance, not bitwise: the GPU's atomic adds (embedding-bag and index-add backward) sum floats
 in an order that changes from run to run, so two identical CUDA runs already differ in the last bits.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 from pkmlm.checkpoint import list_checkpoints, load_checkpoint
 from pkmlm.config import Config
-from pkmlm.eval.evaluation import evaluate_checkpoint, load_trained
+from pkmlm.eval.evaluation import evaluate_checkpoint, load_model
 from pkmlm.eval.sampling import generate
 from pkmlm.training.trainer import train
 
@@ -65,21 +66,24 @@ def test_cuda_training_lowers_the_loss_and_resumes(precision, learnable_dir, tmp
         assert final["scaler"] is not None and final["scaler"]["scale"] > 0
 
 
-def test_evaluate_and_generate_on_cuda_match_the_cpu(text_run):
-    """The BBC run (trained on the CPU): evaluate.py's loss on CUDA equals the CPU's (rel 1e-5); greedy generation
-    gives the same tokens; the generate.py CLI runs on CUDA."""
-    data_dir, run_dir = text_run
-    cpu = evaluate_checkpoint(run_dir, splits=["valid"], device=torch.device("cpu"))
-    gpu = evaluate_checkpoint(run_dir, splits=["valid"], device=torch.device("cuda"))
+def test_evaluate_and_generate_on_cuda_match_the_cpu(learnable_dir, tmp_path):
+    """A run trained on the CPU: evaluate.py on CUDA prints the CPU's loss (rel 1e-5), and greedy generation on
+    CUDA gives the CPU's tokens (with and without the KV cache)."""
+    cfg = config(learnable_dir, tmp_path / "run", device="cpu", max_steps=10)
+    train(Config.from_dict(cfg))
+    cpu = evaluate_checkpoint(tmp_path / "run", splits=["valid"], device=torch.device("cpu"))
+    gpu = evaluate_checkpoint(tmp_path / "run", splits=["valid"], device=torch.device("cuda"))
     assert gpu["valid_loss"] == pytest.approx(cpu["valid_loss"], rel=1e-5)
+    proc = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "run"), "--device", "cuda", "--json",
+                           str(tmp_path / "eval.json")], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [row] = json.loads((tmp_path / "eval.json").read_text())
+    assert row["valid_loss"] == pytest.approx(cpu["valid_loss"], rel=1e-5)
+    path = list_checkpoints(tmp_path / "run")[-1]
     texts = []
-    for device in ("cpu", "cuda"):
-        trained = load_trained(run_dir, device=torch.device(device))
-        prompt = [trained.codec.eos_id] + trained.codec.encode("The government said")
-        texts.append(generate(trained.model, prompt, max_new_tokens=20, window=16, seeds=[0], temperature=0.0))
-    assert texts[0] == texts[1]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "generate.py", str(run_dir), "--prompt", "The government said",
-                           "--max-new-tokens", "10", "--device", "cuda"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    for device, cache in (("cpu", True), ("cuda", True), ("cuda", False)):
+        model = load_model(load_checkpoint(path), path, torch.device(device))
+        texts.append(generate(model, [0, 5, 8, 11], max_new_tokens=12, window=16, seeds=[0], temperature=0.0,
+                              use_cache=cache))
+    assert texts[0] == texts[1] == texts[2] and len(texts[0][0]) == 12
