@@ -53,7 +53,7 @@ class TrainResult:
     valid_loss: float | None = None  # last validation mean NLL (nats)
     memory: dict[str, dict] = field(default_factory=dict)  # memory name -> metrics.MemoryStats as dict
     preempted: bool = False  # stopped on SIGUSR1 (requeued under Slurm) or SIGTERM after checkpointing
-    model: nn.Module | None = None  # the trained model, unwrapped from DDP
+    model: nn.Module | None = None  # the trained model, unwrapped from DDP (under FSDP: sharded, DTensor weights)
 
 
 @torch.no_grad()

@@ -120,26 +120,29 @@ def run(data_dir, tmp_path_factory):
     ``one_process``), made once per module: (every rank's results, its out_dir)."""
     done = {}
 
-    def get(parallel: str, world: int, precision: str = "fp32"):
-        key = (parallel, world, precision)
+    def get(parallel: str, world: int, precision: str = "fp32", shard_values: bool = False):
+        key = (parallel, world, precision, shard_values)
         if key not in done:
             root = tmp_path_factory.mktemp(f"{parallel}{world}{precision}")
             out = root / "run"
-            done[key] = torchrun(root, config(data_dir, out, parallel=parallel, grad_accum=4 // world,
-                                              precision=precision), world), out
+            cfg = config(data_dir, out, parallel=parallel, grad_accum=4 // world, precision=precision)
+            cfg["memory"]["shard_values"] = shard_values
+            done[key] = torchrun(root, cfg, world), out
         return done[key]
     return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_fsdp_matches_one_process_with_whole_checkpoints(world, run, one_process, data_dir, tmp_path):
+@pytest.mark.parametrize("world, shard_values", [(2, False), (4, False), (2, True)],
+                         ids=["2", "4", "2-sharded-values"])
+def test_fsdp_matches_one_process_with_whole_checkpoints(world, shard_values, run, one_process, data_dir, tmp_path):
     """FSDP over 2 or 4 processes: the losses and the checkpointed weights and moments of one process. Tolerance:
     losses rel 1e-5, weights and moments 1e-4 (3% of one Adam step at lr 3e-3: gradients summed in another order
     move an element by a visible part of a step, as in the DDP test). The checkpoint holds whole plain tensors and
-    resumes in one process."""
+    resumes in one process. With memory.shard_values each rank also holds half the value table's columns (the
+    one-process table is initialised with the same numbers)."""
     single, reference = one_process
-    ranks, out = run("fsdp", world)
+    ranks, out = run("fsdp", world, shard_values=shard_values)
     assert all(r == ranks[0] for r in ranks)  # every rank reports the same global losses
     for step, loss in single.losses.items():
         assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5)
@@ -148,8 +151,9 @@ def test_fsdp_matches_one_process_with_whole_checkpoints(world, run, one_process
     # BatchNorm statistics: one process updates them once per micro-batch, W ranks average theirs.
     assert_same_checkpoint(saved, reference, atol=1e-4, batchnorm=False)
     shutil.copytree(out, tmp_path / "alone")  # one process, no process group
-    alone = train(Config.from_dict(config(data_dir, tmp_path / "alone", grad_accum=4 // world, max_steps=5)),
-                  resume="latest")
+    alone_config = config(data_dir, tmp_path / "alone", grad_accum=4 // world, max_steps=5)
+    alone_config["memory"]["shard_values"] = shard_values
+    alone = train(Config.from_dict(alone_config), resume="latest")
     assert alone.step == 5 and set(alone.losses) == {5}
 
 
