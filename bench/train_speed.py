@@ -167,7 +167,8 @@ def main(argv=None) -> int:
             peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
             memory = f"{r['memory_s']:.2f} ({r['memory_s'] / r['timed_s']:.0%})" if r["memory_s"] is not None \
                 else "-"
-            print(f"| {args.config} | {mode} | {args.steps - args.warmup} | {probe.data.batch_size * probe.data.bptt:,} "
+            tokens_per_step = probe.data.batch_size * probe.data.bptt
+            print(f"| {args.config} | {mode} | {args.steps - args.warmup} | {tokens_per_step:,} "
                   f"| {r['tokens_s']:,.0f} | {1000 * r['step_s']:.1f} | {peak} | {memory} | {r['first_s']:.1f} |",
                   flush=True)
     return 0

@@ -246,7 +246,8 @@ def histogram_metrics(histograms: dict[str, dict[str, torch.Tensor]], per_head: 
 
 def _in_lockstep(batches, num_tokens: int, batch_tokens: int, bptt: int, device: torch.device):
     """``batches``, then empty (0, bptt) ones until every rank has had as many: a sharded value table reads in
-    collectives (and FSDP gathers weights), so every rank must run the same number of forwards (parts differ by a token, so by a batch)."""
+    collectives (and FSDP gathers weights), so every rank must run the same number of forwards (parts differ by a
+    token, so by a batch)."""
     rank, world = D.rank(), D.world_size()
     mine = -(-((rank + 1) * num_tokens // world - rank * num_tokens // world) // batch_tokens)
     most = int(D.all_reduce_max(torch.tensor([mine], device=device)))

@@ -49,9 +49,9 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
 
     parallel "ddp": a DistributedDataParallel wrapper is returned. "fsdp": ``shard_model`` shards the dense
     parameters in place and returns ``model`` itself; its parameters are then new DTensor objects, onto which
-    ``optimizers`` (built on the plain model, possibly with a resumed state) are moved (``shard_optimizer``). BatchNorm statistics stay per rank between
-    evaluations (``average_batchnorm_stats`` joins them) unless ``sync_batchnorm``. The ignored parameters are
-    broadcast from rank 0 here, as DDP would have done for them.
+    ``optimizers`` (built on the plain model, possibly with a resumed state) are moved (``shard_optimizer``).
+    BatchNorm statistics stay per rank between evaluations (``average_batchnorm_stats`` joins them) unless
+    ``sync_batchnorm``. The ignored parameters are broadcast from rank 0 here, as DDP would have done for them.
     """
     if env.world_size == 1:
         return model

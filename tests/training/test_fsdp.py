@@ -29,7 +29,8 @@ WORKER = textwrap.dedent("""
     import json, os, sys, yaml
     from pkmlm.config import Config
     from pkmlm.training.trainer import train
-    result = train(Config.from_dict(yaml.safe_load(open(sys.argv[1]))), resume=sys.argv[3] if len(sys.argv) > 3 else None)
+    config = Config.from_dict(yaml.safe_load(open(sys.argv[1])))
+    result = train(config, resume=sys.argv[3] if len(sys.argv) > 3 else None)
     with open(f"{sys.argv[2]}/rank{os.environ['RANK']}.json", "w") as f:
         json.dump({"losses": result.losses, "valid": result.valid_loss}, f)
 """)
