@@ -52,7 +52,7 @@ trap 'rc=$?; summary || rc=1; exit $rc' EXIT  # the table also after a failure o
 
 # part NAME LIMIT_S DETAIL_FUNCTION COMMAND...: run COMMAND under `timeout`, log to $OUT/NAME.log, add a row.
 part() {
-  local name=$1 limit=$2 detail_fn=$3 rc=0 t0 status
+  local name=$1 limit=$2 detail_fn=$3 rc=0 t0 status detail
   shift 3
   t0=$(date +%s)
   echo "== $name (limit ${limit} s): $*" | tee "$OUT/$name.log"
@@ -62,8 +62,11 @@ part() {
     124|137) status=TIMEOUT ;;
     *) status="FAIL ($rc)" ;;
   esac
-  ROWS+=("$name|$status|$(( $(date +%s) - t0 ))|$($detail_fn "$OUT/$name.log" | tr '|\n' '/ ' | cut -c1-300)")
-  tail -n 3 "$OUT/$name.log"
+  # A detail that finds nothing (a part that died early) must not end the script: `|| true`.
+  detail=$("$detail_fn" "$OUT/$name.log" 2>/dev/null | tr '|\n' '/ ' | cut -c1-300) || true
+  [[ -n "${detail// /}" ]] || detail=""
+  ROWS+=("$name|$status|$(( $(date +%s) - t0 ))|${detail:-see $OUT/$name.log}")
+  tail -n 3 "$OUT/$name.log" || true
 }
 
 skip() { ROWS+=("$1|SKIP|0|$2"); echo "== $1: skipped: $2"; }

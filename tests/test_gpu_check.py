@@ -26,6 +26,17 @@ def test_without_a_gpu_every_part_is_skipped_with_the_reason_and_the_table_print
     assert (tmp_path / "environment.log").read_text().startswith("== environment")
 
 
+def test_a_failing_part_does_not_stop_the_others_and_the_table_says_so(tmp_path):
+    """An interpreter that fails at once (PYTHON=false): every part runs, fails, and gets its row; exit status 1."""
+    env = {**os.environ, "PYTHON": "false", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    table = proc.stdout[proc.stdout.index("| part | status | s | result |"):].splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table[2:] if line.startswith("|")}
+    assert rows == {name: "FAIL (1)" for name in ("environment", "cuda-tests", "memory-layer", "tiny_pkm-cpu")}
+
+
 def test_bad_usage_is_one_line_exit_2(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), "--gpu"], cwd=ROOT, capture_output=True, text=True, timeout=30,
                           env={**os.environ, "OUT": str(tmp_path)})
