@@ -1,12 +1,12 @@
-"""Data-parallel training: DDP wrapping, sparse value gradients, replica checks, preemption signals.
+"""Data-parallel training: DDP or FSDP2 wrapping, sparse value gradients, replica checks, preemption signals.
 
 Memory value tables get row-sparse gradients, which NCCL cannot all-reduce. Replicated tables are therefore hidden
 from DDP and averaged here over the union of the rows any rank touched (``all_reduce_sparse_grads``), with dense
 collectives that work on every backend; ``check_replicas`` verifies at checkpoint time that the copies agree.
 Sharded tables (pkmlm/memory/value_table.py) need no gradient sync: DDP ignores them too.
 
-``train.parallel: fsdp`` shards the dense parameters instead (FSDP2, ``fully_shard``: one group per memory, one
-per block, the rest at the root), as torchtitan does; the value tables stay outside FSDP exactly as under DDP.
+``train.parallel: fsdp`` shards the dense parameters instead (FSDP2, ``fully_shard``: one group per memory, per
+block's attention and feed-forward, per block, and the rest at the root), as torchtitan does; the value tables stay outside FSDP exactly as under DDP.
 Checkpoints stay whole: ``full_state`` / ``full_optimizer_state`` gather the shards, and a run resumes by loading
 the whole state into the plain model and optimizer before ``shard_model`` cuts it (each rank keeps its slice).
 """
@@ -112,11 +112,6 @@ def shard_model(model: nn.Module, *, ignored: set[nn.Parameter], precision: str 
 
 def _owns_parameters(module: nn.Module, ignored: set[nn.Parameter]) -> bool:
     return any(p not in ignored for p in module.parameters())
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` is sharded by FSDP2 (its forward and state then need every rank)."""
-    return isinstance(model, FSDPModule)
 
 
 @contextmanager
