@@ -6,8 +6,8 @@ collectives that work on every backend; ``check_replicas`` verifies at checkpoin
 Sharded tables (pkmlm/memory/value_table.py) need no gradient sync: DDP ignores them too.
 
 ``train.parallel: fsdp`` shards the dense parameters instead (FSDP2, ``fully_shard``: one group per memory, per
-block's attention and feed-forward, per block, and the rest at the root), as torchtitan does; the value tables stay outside FSDP exactly as under DDP.
-Checkpoints stay whole: ``full_state`` / ``full_optimizer_state`` gather the shards, and a run resumes by loading
+block's attention and feed-forward, per block, and the rest at the root), as torchtitan does; the value tables
+stay outside FSDP exactly as under DDP. Checkpoints stay whole: ``full_state`` / ``full_optimizer_state`` gather the shards, and a run resumes by loading
 the whole state into the plain model and optimizer before ``shard_model`` cuts it (each rank keeps its slice).
 """
 
