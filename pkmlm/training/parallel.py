@@ -7,8 +7,9 @@ Sharded tables (pkmlm/memory/value_table.py) need no gradient sync: DDP ignores 
 
 ``train.parallel: fsdp`` shards the dense parameters instead (FSDP2, ``fully_shard``: one group per memory, per
 block's attention and feed-forward, per block, and the rest at the root), as torchtitan does; the value tables
-stay outside FSDP exactly as under DDP. Checkpoints stay whole: ``full_state`` / ``full_optimizer_state`` gather the shards, and a run resumes by loading
-the whole state into the plain model and optimizer before ``shard_model`` cuts it (each rank keeps its slice).
+stay outside FSDP exactly as under DDP. Checkpoints stay whole: ``full_state`` / ``full_optimizer_state`` gather
+the shards, and a run resumes by loading the whole state into the plain model and optimizer before
+``shard_model`` cuts it (each rank keeps its slice).
 """
 
 from __future__ import annotations
