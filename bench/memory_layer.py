@@ -1,6 +1,6 @@
 """Memory layer speed: pkmlm's ProductKeyMemory vs a dense FFN vs the `product-key-memory` package.
 
-    python bench/memory_layer.py [--sizes 128 256 512 1024] [--repeats 5]
+    python bench/memory_layer.py [--sizes 128 256 512 1024] [--repeats 5] [--device cpu|cuda]
 
 Every layer maps 256 -> 256 on a batch of 8 x 256 tokens: memories with heads=4, knn=32, k_dim=256
 and query BatchNorm; the FFN is 256 -> 1024 -> 256. Two timings per layer, each the median of
@@ -37,6 +37,13 @@ from pkmlm.memory import ProductKeyMemory
 from pkmlm.training.optim import RowAdam, make_optimizers
 
 DIM, HEADS, KNN, K_DIM, BATCH, SEQ = 256, 4, 32, 256, 8, 256
+DEVICE = torch.device("cpu")  # --device: every layer, input and optimizer state lives here
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, so that a timer reads the work done (no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -44,8 +51,10 @@ def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up: allocations, optimizer state
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -72,20 +81,22 @@ def time_layers(layers: list, x: torch.Tensor, repeats: int) -> list[tuple[float
     for _ in range(repeats):
         for (fwd, step), (fwd_times, step_times) in zip(runs, times):
             for fn, into in ((fwd, fwd_times), (step, step_times)):
+                _sync()
                 start = time.perf_counter()
                 fn()
+                _sync()
                 into.append(time.perf_counter() - start)
     return [(1000 * statistics.median(f), 1000 * statistics.median(s)) for f, s in times]
 
 
 def ours(n_keys: int) -> tuple[nn.Module, tuple]:
-    mem = ProductKeyMemory(DIM, DIM, n_keys=n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM)
+    mem = ProductKeyMemory(DIM, DIM, n_keys=n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM).to(DEVICE)
     opts = make_optimizers(mem, lr=1e-4, value_lr=1e-3)
     return mem, (opts.zero_grad, opts.step)
 
 
 def dense_ffn() -> tuple[nn.Module, tuple]:
-    ffn = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.ReLU(), nn.Linear(4 * DIM, DIM))
+    ffn = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.ReLU(), nn.Linear(4 * DIM, DIM)).to(DEVICE)
     opt = torch.optim.Adam(ffn.parameters(), lr=1e-4)
     return ffn, (lambda: opt.zero_grad(set_to_none=True), opt.step)
 
@@ -98,15 +109,15 @@ def pypi_package(n_keys: int) -> tuple[nn.Module, tuple] | None:
         return None
     # Its BatchNorm option (use_layernorm=False) crashes in v0.3.0: BatchNorm1d(dim_head) meets
     # 2 * dim_head query features. So it keeps its default LayerNorm queries (cost: about the same).
-    pkm = PKM(DIM, heads=HEADS, num_keys=n_keys, topk=KNN, dim_head=K_DIM // 2)
+    pkm = PKM(DIM, heads=HEADS, num_keys=n_keys, topk=KNN, dim_head=K_DIM // 2).to(DEVICE)
     opt = torch.optim.Adam(fetch_optimizer_parameters(pkm), lr=1e-4)
     return pkm, (lambda: opt.zero_grad(set_to_none=True), opt.step)
 
 
 def value_update_ms(n_keys: int, repeats: int) -> tuple[float, float]:
     """Value-table update time alone, SparseAdam vs RowAdam, on one real sparse gradient."""
-    mem = ProductKeyMemory(DIM, DIM, n_keys=n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM)
-    mem(torch.randn(BATCH, SEQ, DIM)).pow(2).mean().backward()
+    mem = ProductKeyMemory(DIM, DIM, n_keys=n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM).to(DEVICE)
+    mem(torch.randn(BATCH, SEQ, DIM, device=DEVICE)).pow(2).mean().backward()
     grad = mem.values.weight.grad
     results = []
     for opt in (torch.optim.SparseAdam([mem.values.weight], lr=1e-3), RowAdam([mem.values.weight], lr=1e-3)):
@@ -164,9 +175,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="n_keys values")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where layers, inputs and optimizers live (cuda: the first GPU; the floor table is "
+                             "CPU-only)")
     args = parser.parse_args()
     if args.repeats < 1 or any(n < KNN for n in args.sizes):
         parser.error(f"--repeats must be >= 1 and every size >= knn ({KNN})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     retained = retain_freed_memory()  # as train.py does; applies to every layer timed here alike
     torch.manual_seed(0)
@@ -174,8 +192,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load {load:.2f}, "
           f"compiled CPU kernels: {'yes (top-k: ' + simd_path() + ')' if kernels_available() else 'no'}, "
           f"freed memory retained: "
-          f"{'yes' if retained else 'no'}")
-    x = torch.randn(BATCH, SEQ, DIM)
+          f"{'yes' if retained else 'no'}, device: "
+          f"{torch.cuda.get_device_name(DEVICE) if DEVICE.type == 'cuda' else 'cpu'}")
+    x = torch.randn(BATCH, SEQ, DIM, device=DEVICE)
     [(ffn_fwd, ffn_step)] = time_layers([dense_ffn()], x, args.repeats)
     print(f"dense FFN 256->1024->256: forward {ffn_fwd:.1f} ms, step {ffn_step:.1f} ms\n")
 
@@ -195,19 +214,10 @@ def main() -> None:
         print(f"| {n_keys**2:,} | {fwd:.1f} | {p_fwd:.1f} | {fwd / p_fwd:.2f} | {step:.1f} | "
               f"{p_step:.1f} | {step / p_step:.2f} |", flush=True)
 
-    copy_rate, mm_rate = machine_rates()
-    print(f"\nMeasured here: copy {copy_rate / 1e9:.1f} GB/s (read + write), float32 matmul {mm_rate / 1e9:.0f} "
-          f"GFLOP/s. Floor of pkmlm's step (each phase at those rates, see step_floor):")
-    print("| slots | touched rows | search mm | query proj | value reads | grad rows | RowAdam | floor ms | "
-          "step ms | step / floor |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n_keys in args.sizes:
-        f = step_floor(n_keys, copy_rate, mm_rate)
-        phases = [f["search matmul"], f["query projection fwd+bwd"], f["value reads fwd+bwd"], f["gradient rows"],
-                  f["RowAdam (7 row passes)"]]
-        floor = sum(phases)
-        print(f"| {n_keys**2:,} | {int(f['touched rows']):,} | " + " | ".join(f"{p:.1f}" for p in phases)
-              + f" | {floor:.1f} | {our_steps[n_keys]:.1f} | {our_steps[n_keys] / floor:.2f} |", flush=True)
+    if DEVICE.type != "cpu":
+        print("\n[skip] the floor table: its rates and phases are the CPU's")
+    else:
+        print_floor(args.sizes, our_steps)
 
     print("\n| slots | SparseAdam update ms | RowAdam update ms |")
     print("|---:|---:|---:|")
@@ -216,6 +226,23 @@ def main() -> None:
         print(f"| {n_keys**2:,} | {sparse_adam:.1f} | {row_adam:.1f} |", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n1-min load at the end {load:.2f}")
+
+
+def print_floor(sizes: list[int], our_steps: dict[int, float]) -> None:
+    """The table of step_floor's phases at this machine's rates, beside the measured steps."""
+    copy_rate, mm_rate = machine_rates()
+    print(f"\nMeasured here: copy {copy_rate / 1e9:.1f} GB/s (read + write), float32 matmul {mm_rate / 1e9:.0f} "
+          f"GFLOP/s. Floor of pkmlm's step (each phase at those rates, see step_floor):")
+    print("| slots | touched rows | search mm | query proj | value reads | grad rows | RowAdam | floor ms | "
+          "step ms | step / floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n_keys in sizes:
+        f = step_floor(n_keys, copy_rate, mm_rate)
+        phases = [f["search matmul"], f["query projection fwd+bwd"], f["value reads fwd+bwd"], f["gradient rows"],
+                  f["RowAdam (7 row passes)"]]
+        floor = sum(phases)
+        print(f"| {n_keys**2:,} | {int(f['touched rows']):,} | " + " | ".join(f"{p:.1f}" for p in phases)
+              + f" | {floor:.1f} | {our_steps[n_keys]:.1f} | {our_steps[n_keys] / floor:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.keep_best",
     "train.max_nonfinite",
     "train.dist_timeout_s",
+    # DDP and FSDP checkpoints are the same whole state dicts; only the order of float sums differs.
+    "train.parallel",
     # Checkpoints hold whole value tables either way; sharding changes only the order of float sums.
     "memory.shard_values",
 })

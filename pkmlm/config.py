@@ -28,6 +28,7 @@ POSITION_ENCODINGS = ("learned", "rope")
 FFNS = ("gelu", "gelu_tanh", "swiglu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("ddp", "fsdp")  # train.parallel: how several processes share the dense parameters
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     sync_batchnorm: bool = False
+    parallel: str = "ddp"  # ddp: replicated dense parameters; fsdp: sharded over processes (FSDP2)
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     keep_best: bool = False  # also keep checkpoints/best.pt, the lowest validation loss seen
     dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run on every rank
@@ -503,6 +505,12 @@ def _problems(c: Config):
         yield "train.precision", f"'{t.precision}' (must be one of {', '.join(PRECISIONS)})"
     if t.device not in DEVICES:
         yield "train.device", f"'{t.device}' (must be one of {', '.join(DEVICES)})"
+    if t.parallel not in PARALLEL:
+        yield "train.parallel", f"'{t.parallel}' (must be one of {', '.join(PARALLEL)})"
+    elif t.parallel == "fsdp" and mem.reinit_every > 0:
+        yield "train.parallel", ("fsdp cannot be combined with memory.reinit_every > 0 yet (re-initialising sub-keys "
+                                 "writes whole key tensors, which FSDP shards): use train.parallel=ddp, or set "
+                                 "memory.reinit_every=0")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         yield from at_least(f"train.{name}", getattr(t, name), 1)
     yield from at_least("train.eval_batches", t.eval_batches, 0)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from pkmlm import checkpoint as ckpt, distributed as D
 from pkmlm.config import Config
@@ -195,7 +196,7 @@ def evaluate_split(model: nn.Module, corpus, *, batch_size: int, bptt: int, max_
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # NLL sum, target count, correct
     batches = eval_batches(corpus, batch_size=batch_size, bptt=bptt, rank=rank, world_size=world)
-    if world > 1 and sharded_tables(model):
+    if world > 1 and (sharded_tables(model) or isinstance(model, FSDPModule)):  # forwards that need every rank
         batches = _in_lockstep(batches, corpus.num_tokens, batch_size * bptt, bptt, device)
     for i, (inputs, targets) in enumerate(batches):
         if max_batches and i == max_batches:
@@ -245,7 +246,8 @@ def histogram_metrics(histograms: dict[str, dict[str, torch.Tensor]], per_head: 
 
 def _in_lockstep(batches, num_tokens: int, batch_tokens: int, bptt: int, device: torch.device):
     """``batches``, then empty (0, bptt) ones until every rank has had as many: a sharded value table reads in
-    collectives, so every rank must run the same number of forwards (parts differ by a token, so by a batch)."""
+    collectives (and FSDP gathers weights), so every rank must run the same number of forwards (parts differ by a
+    token, so by a batch)."""
     rank, world = D.rank(), D.world_size()
     mine = -(-((rank + 1) * num_tokens // world - rank * num_tokens // world) // batch_tokens)
     most = int(D.all_reduce_max(torch.tensor([mine], device=device)))

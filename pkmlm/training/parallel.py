@@ -1,9 +1,15 @@
-"""Data-parallel training: DDP wrapping, sparse value gradients, replica checks, preemption signals.
+"""Data-parallel training: DDP or FSDP2 wrapping, sparse value gradients, replica checks, preemption signals.
 
 Memory value tables get row-sparse gradients, which NCCL cannot all-reduce. Replicated tables are therefore hidden
 from DDP and averaged here over the union of the rows any rank touched (``all_reduce_sparse_grads``), with dense
 collectives that work on every backend; ``check_replicas`` verifies at checkpoint time that the copies agree.
 Sharded tables (pkmlm/memory/value_table.py) need no gradient sync: DDP ignores them too.
+
+``train.parallel: fsdp`` shards the dense parameters instead (FSDP2, ``fully_shard``: one group per memory, per
+block's attention and feed-forward, per block, and the rest at the root), as torchtitan does; the value tables
+stay outside FSDP exactly as under DDP. Checkpoints stay whole: ``full_state`` / ``full_optimizer_state`` gather
+the shards, and a run resumes by loading the whole state into the plain model and optimizer before
+``shard_model`` cuts it (each rank keeps its slice).
 """
 
 from __future__ import annotations
@@ -12,14 +18,20 @@ import hashlib
 import os
 import signal
 import subprocess
+import warnings
+from contextlib import contextmanager
 from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from pkmlm.config import PARALLEL
 from pkmlm.distributed import DistEnv, DistributedError, all_gather_object, all_reduce_max, world_size
+from pkmlm.memory import ProductKeyMemory
 from pkmlm.memory.sparse import coalesce_rows
 
 # Exit status of a run that stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL: "try again later").
@@ -31,16 +43,21 @@ STOP_SIGNAL = signal.SIGTERM
 
 
 def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_params: Iterable[nn.Parameter],
-               sharded_params: Iterable[nn.Parameter] = (), sync_batchnorm: bool = False) -> nn.Module:
-    """DDP-wrap ``model`` (returned unchanged for one process), leaving ``sparse_params`` to us and
+               sharded_params: Iterable[nn.Parameter] = (), sync_batchnorm: bool = False, parallel: str = "ddp",
+               precision: str = "fp32", optimizers: Iterable[torch.optim.Optimizer] = ()) -> nn.Module:
+    """Make ``model`` data-parallel (returned unchanged for one process), leaving ``sparse_params`` to us and
     ``sharded_params`` (each rank holds its own slice: pkmlm/memory/value_table.py) alone.
 
+    parallel "ddp": a DistributedDataParallel wrapper is returned. "fsdp": ``shard_model`` shards the dense
+    parameters in place and returns ``model`` itself; its parameters are then new DTensor objects, onto which
+    ``optimizers`` (built on the plain model, possibly with a resumed state) are moved (``shard_optimizer``).
     BatchNorm statistics stay per rank between evaluations (``average_batchnorm_stats`` joins them) unless
-    ``sync_batchnorm``. The ignored
-    parameters are broadcast from rank 0 here, as DDP would have done for them.
+    ``sync_batchnorm``. The ignored parameters are broadcast from rank 0 here, as DDP would have done for them.
     """
     if env.world_size == 1:
         return model
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if sync_batchnorm and device.type != "cuda":
         raise DistributedError("train.sync_batchnorm=true needs CUDA devices (torch syncs BatchNorm on GPUs "
                                "only); set it to false on the CPU")
@@ -48,13 +65,122 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sparse_ids = {id(p) for p in sparse_params}
     skipped = sparse_ids | {id(p) for p in sharded_params}
+    for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
+        dist.broadcast(p.data, src=0)
+    if parallel == "fsdp":
+        before = dict(model.named_parameters())
+        shard_model(model, ignored={p for p in model.parameters() if id(p) in skipped}, precision=precision)
+        successors = {id(before[name]): p for name, p in model.named_parameters()}
+        for optimizer in optimizers:
+            shard_optimizer(optimizer, successors)
+        return model
     # Every name of a shared table, so that DDP skips it whichever module it finds it under.
     ignored = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in skipped]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
-        dist.broadcast(p.data, src=0)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False)
+
+
+def shard_model(model: nn.Module, *, ignored: set[nn.Parameter], precision: str = "fp32") -> nn.Module:
+    """FSDP2 in place over the default process group: ``fully_shard`` each memory, each block's attention and
+    feed-forward, each block (its norms), then the root (embeddings, final norm), as torchtitan groups a model.
+
+    ``ignored`` (the value tables, row-sparse or already sharded) stay plain tensors outside FSDP. Every rank must
+    hold the same weights when called (the same seed, or the same checkpoint loaded). Mixed precision for bf16: the
+    attention and feed-forward weights are all-gathered in bf16 and their gradients reduce-scattered in fp32; the
+    rest (norms, embeddings, the memories' keys and query network) gathers fp32 weights and no input is cast. So
+    every op sees the dtypes ``torch.autocast`` (on either way) gives it under DDP: autocast runs those matmuls in
+    bf16 from weights rounded the same way, and keeps the residual stream and norms in fp32.
+    """
+    # Memory, attention and FFN return reshaped views; FSDP warns that an in-place op on one would skip its backward
+    # hook. The blocks add them out of place (x = x + ...), so the warning would only alarm.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(ProductKeyMemory|CausalSelfAttention|"
+                            r"FeedForward)\) returned a view")
+    fp32 = MixedPrecisionPolicy()
+    matmuls = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if precision == "bf16" else fp32
+    for module in model.modules():
+        if isinstance(module, ProductKeyMemory) and _owns_parameters(module, ignored):
+            fully_shard(module, mp_policy=fp32, ignored_params=ignored)
+    for block in getattr(model, "blocks", ()):
+        for part in (getattr(block, "attn", None), getattr(block, "ffn", None)):
+            if part is not None:
+                fully_shard(part, mp_policy=matmuls, ignored_params=ignored)
+        fully_shard(block, mp_policy=fp32, ignored_params=ignored)
+    fully_shard(model, mp_policy=fp32, ignored_params=ignored)
+    return model
+
+
+def _owns_parameters(module: nn.Module, ignored: set[nn.Parameter]) -> bool:
+    return any(p not in ignored for p in module.parameters())
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Context for one micro-batch's backward: average the grads over ranks (``enabled``) or only accumulate
+    them locally (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``)."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+def is_shard(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP parameter, its gradient or its optimizer state)."""
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor, else ``t`` itself (no copy, no collective)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def full_state(model: nn.Module, state: dict | None) -> dict | None:
+    """``state`` (rank 0's ``VT.gather_state(model)``, None elsewhere) with every FSDP shard gathered whole,
+    on the CPU; None on other ranks. All ranks must call (one all-gather per sharded tensor, in name order)."""
+    for name, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            whole = value.full_tensor()
+            if state is not None:
+                state[name] = whole.cpu()
+    return state
+
+
+@torch.no_grad()
+def full_optimizer_state(state: dict) -> dict:
+    """An optimizer's ``state_dict()`` with its DTensor moments gathered whole (on the CPU): the format one
+    process writes, so checkpoints load at any world size. All ranks must call."""
+    out = {**state, "state": {}}
+    for index, entries in state["state"].items():
+        out["state"][index] = {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in entries.items()}
+    return out
+
+
+@torch.no_grad()
+def shard_optimizer(optimizer: torch.optim.Optimizer, new_params: dict[int, nn.Parameter]) -> None:
+    """Point ``optimizer`` at the parameters ``shard_model`` made: ``new_params`` maps id(old param) to its
+    DTensor successor. Whole moments (a fresh or resumed optimizer) are cut to this rank's shard."""
+    for group in optimizer.param_groups:
+        group["params"] = [new_params.get(id(p), p) for p in group["params"]]
+    moved = {}
+    for old, entries in optimizer.state.items():
+        new = new_params.get(id(old), old)
+        moved[new] = {k: _like(v, new) for k, v in entries.items()}
+    optimizer.state.clear()
+    optimizer.state.update(moved)
+
+
+def _like(value, param: nn.Parameter):
+    """A whole per-element state tensor of ``param`` as a DTensor sharded like it (each rank slices its own
+    part: no communication); anything else (step counts) unchanged."""
+    if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return value
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ import os
 import signal
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +53,7 @@ class TrainResult:
     valid_loss: float | None = None  # last validation mean NLL (nats)
     memory: dict[str, dict] = field(default_factory=dict)  # memory name -> metrics.MemoryStats as dict
     preempted: bool = False  # stopped on SIGUSR1 (requeued under Slurm) or SIGTERM after checkpointing
-    model: nn.Module | None = None  # the trained model, unwrapped from DDP
+    model: nn.Module | None = None  # the trained model, unwrapped from DDP (under FSDP: sharded, DTensor weights)
 
 
 @torch.no_grad()
@@ -63,23 +62,30 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, sharded: frozen
     (``max_norm`` 0: measure only). Returns the norm before clipping.
 
     sharded: ids of parameters of which each rank holds a slice (pkmlm/memory/value_table.py): their squares are summed
-    over ranks, so every rank measures and clips by the norm of the whole model (all ranks must call then).
+    over ranks, so every rank measures and clips by the norm of the whole model (all ranks must call then). FSDP's
+    DTensor grads are slices too, found by their type.
     """
     grads, sharded_grads = [], []
+    # The same on every rank: sharding follows the model, not the data.
+    split = bool(sharded) or any(P.is_shard(p) for p in params)
     for p in params:
         if p.grad is None:
             continue
-        if p.grad.is_sparse:
+        if P.is_shard(p.grad):
+            sharded_grads.append(P.local_tensor(p.grad))  # clipped in place through this view of the shard
+        elif p.grad.is_sparse:
             p.grad = coalesce_rows(p.grad)  # duplicate rows must be summed before their norm means anything
             (sharded_grads if id(p) in sharded else grads).append(p.grad._values())
         else:
             (sharded_grads if id(p) in sharded else grads).append(p.grad)
-    if sharded:
+    if split:
+        # On the parameters' device even when this rank has no such grads: NCCL reduces CUDA tensors only.
+        device = params[0].device
         squares = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in sharded_grads]).sum() \
-            if sharded_grads else torch.zeros(())
+            if sharded_grads else torch.zeros((), device=device)
         own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-            if grads else torch.zeros(())
-        norm = (own.square() + D.all_reduce_sum(squares.to(own.device))).sqrt()
+            if grads else torch.zeros((), device=device)
+        norm = (own.square() + D.all_reduce_sum(squares.to(device))).sqrt()
         grads += sharded_grads
     elif not grads:
         return 0.0
@@ -234,7 +240,8 @@ class Trainer:
         if self.values_file is not None:  # the table stays in its file, made durable before the checkpoint names it
             local = vfile.strip_state(local, self.values_file)
             self.values_file.sync()
-        bad = next((name for name, p in local.items() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+        bad = next((name for name, p in local.items()
+                    if p.is_floating_point() and not torch.isfinite(P.local_tensor(p)).all()), None)
         flag = D.all_reduce_max(torch.tensor([float(bad is not None)], device=self.device))
         if flag.item() > 0:
             where = f"{bad} holds NaN or inf on rank {self.env.rank}" if bad else "a peer's weights hold NaN or inf"
@@ -243,8 +250,9 @@ class Trainer:
                                 "smaller train.grad_clip")
         # Replicated weights must be bit-identical on every rank: a checkpoint of drifted replicas would be rank 0's
         # model only, so the run stops instead (every rank raises the same error).
-        P.check_replicas((n, p) for n, p in self.model.named_parameters() if id(p) not in self.sharded_ids)
-        model_state = local if self.values_file is not None else VT.gather_state(self.model)
+        P.check_replicas((n, p) for n, p in self.model.named_parameters()
+                         if id(p) not in self.sharded_ids and not P.is_shard(p))
+        model_state = local if self.values_file is not None else P.full_state(self.model, VT.gather_state(self.model))
         optim_state = self._gather_optimizer_state()
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
@@ -269,6 +277,7 @@ class Trainer:
     def _gather_optimizer_state(self) -> dict | None:
         """The optimizers' state, with whole-width Adam moments for sharded tables, on rank 0 (all ranks call)."""
         state = self.optim.state_dict()
+        state["dense"] = P.full_optimizer_state(state["dense"])  # FSDP's shards of the Adam moments, whole
         for i, table in self.sharded.items():
             row_state = state["values"]["state"].get(i)
             if row_state is not None:  # the same rows were stepped on every rank, so all ranks agree
@@ -311,7 +320,7 @@ class Trainer:
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # DDP averages grads over ranks; scaling by world / global tokens makes that the global mean.
-            with ddp_model.no_sync() if world > 1 and not last else nullcontext():
+            with P.gradient_sync(ddp_model, last):
                 with autocast(self.device, t.precision):
                     logits = ddp_model(micro[:, :-1])
                 micro_nll = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten(), reduction="sum")
@@ -390,6 +399,12 @@ class Trainer:
 
     def _validation_samples(self) -> ValidationSamples | None:
         """The fixed-prompt samples logged at every validation; None when the data has no tokenizer."""
+        if self.env.world_size > 1 and (self.config.train.parallel == "fsdp" or self.sharded):
+            # Sampling runs on rank 0 alone, but then a forward needs every rank (FSDP's all-gathers, a sharded
+            # table's exchange): it would wait forever.
+            self.log.message("no samples in TensorBoard: with train.parallel=fsdp or memory.shard_values a forward "
+                             "needs every rank, and samples are drawn on rank 0 only")
+            return None
         try:
             codec = load_codec(self.config.data.dir, vocab_hash=self.valid_data.vocab_hash)
         except DataError as e:
@@ -439,7 +454,9 @@ class Trainer:
                     write_text_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
                 ddp_model = P.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
                                          sharded_params=[t.weight for t in self.sharded.values()],
-                                         sync_batchnorm=t.sync_batchnorm)
+                                         sync_batchnorm=t.sync_batchnorm, parallel=t.parallel,
+                                         precision=t.precision, optimizers=[self.optim.dense])
+                self.groups["dense"] = _params(self.optim.dense)  # FSDP replaced them with their shards
                 return self._loop(ddp_model, preemption)
             finally:
                 self.log.close()
