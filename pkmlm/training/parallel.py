@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pkmlm.distributed import DistEnv, DistributedError, all_gather_object, all_reduce_max, world_size
+from pkmlm.distributed import (DistEnv, DistributedError, all_gather_object, all_reduce_max, entering_collective,
+                               world_size)
 from pkmlm.memory.sparse import coalesce_rows
 
 # Exit status of a run that stopped on SIGUSR1/SIGTERM after checkpointing (EX_TEMPFAIL: "try again later").
@@ -51,6 +52,7 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
     # Every name of a shared table, so that DDP skips it whichever module it finds it under.
     ignored = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in skipped]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    entering_collective()  # the broadcasts below, and DDP's own of the other parameters
     for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
         dist.broadcast(p.data, src=0)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -71,6 +73,7 @@ def all_reduce_sparse_grads(params: Iterable[nn.Parameter]) -> None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
+    entering_collective()
     for p in params:
         if p.grad is None:
             raise RuntimeError("a memory value table got no gradient on this rank; all ranks must use every memory")
@@ -158,6 +161,7 @@ def average_batchnorm_stats(model: nn.Module) -> None:
     """
     if world_size() == 1:
         return
+    entering_collective()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
             for stat in (m.running_mean, m.running_var):
