@@ -244,3 +244,37 @@ def _use_in_one_process(out: Path, data_dir: Path, state: dict, capsys) -> None:
                          "--max-tokens", "256", "--device", "cpu"]) == 0
     report = capsys.readouterr().out
     assert "slot" in report.lower() and "[[" in report, report
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"memory": {"shard_values": True, "v_dim": 33}}, "2 processes do not divide v_dim=33"),
+    ({"memory": {"values_file": "values.bin", "share_values": True}}, "memory.values_file keeps the value table"),
+    ({"train": {"sync_batchnorm": True}}, "train.sync_batchnorm=true needs CUDA devices"),
+], ids=["sharded-odd-v_dim", "values_file-2-processes", "sync_batchnorm-cpu"])
+def test_unsupported_combinations_are_refused_at_start(options, message, text_data, tmp_path):
+    """torchrun train.py: each rank says why in one line and exits 2 before writing anything (torchrun may stop a
+    rank's peers before they print)."""
+    config = _config(text_data, tmp_path / "run", {"values": "replicated", "feature": "plain", "precision": "fp32",
+                                                   "grad_accum": 1})
+    for section, values in options.items():
+        config[section].update(values)
+    if "values_file" in config["memory"]:
+        config["memory"]["values_file"] = str(tmp_path / "values.bin")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    logs = tmp_path / "logs"
+    args = _torchrun(ROOT / "train.py", "--config", str(cfg))
+    script = args.index(str(ROOT / "train.py"))
+    args[script:script] = [f"--log-dir={logs}", "--redirects=3"]  # each rank's stderr in its own file
+    proc = _launch(args, f"refusal of {options}", timeout=120)
+    assert proc.returncode != 0
+    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # torchrun's report of the first rank to stop
+    errors = {}
+    for log in logs.glob("*/attempt_0/*/stderr.log"):
+        errors[int(log.parent.name)] = log.read_text().splitlines()
+    assert sorted(errors) == [0, 1]
+    printed = [lines for lines in errors.values() if lines]
+    assert printed, errors
+    for lines in printed:
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "run").exists() and not (tmp_path / "values.bin").exists()
