@@ -34,6 +34,7 @@ CHECK_ENV, CHECK_TIMEOUT_ENV = "PKMLM_COLLECTIVE_CHECK", "PKMLM_COLLECTIVE_CHECK
 DEFAULT_CHECK_TIMEOUT_S = 60.0
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _check_group = None  # the gloo group the check talks over (None: the check is off)
+_check_timeout_s = DEFAULT_CHECK_TIMEOUT_S
 
 
 class DistributedError(Exception):
@@ -131,7 +132,7 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = DE
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
-    start_collective_check()
+    start_collective_check(timeout_s)
     return True
 
 
@@ -159,15 +160,17 @@ def collective_check_timeout() -> float | None:
     return seconds
 
 
-def start_collective_check() -> None:
+def start_collective_check(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Under PKMLM_COLLECTIVE_CHECK=1, open the side group ``entering_collective`` talks over (all ranks call,
-    right after joining the process group; ``init_process_group`` does). No-op when off or for one process."""
-    global _check_group
+    right after joining the process group; ``init_process_group`` does). No-op when off or for one process.
+    timeout_s: the process group's; the check waits no longer than that either."""
+    global _check_group, _check_timeout_s
     timeout = collective_check_timeout()
     if timeout is None or not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    _check_timeout_s = min(timeout, timeout_s)
     # gloo, whatever the main backend: the check sends a few CPU bytes, and gloo honours its own timeout.
-    _check_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    _check_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=_check_timeout_s))
 
 
 def entering_collective(group=None) -> None:
@@ -192,7 +195,7 @@ def entering_collective(group=None) -> None:
     except RuntimeError as e:  # gloo's timeout (or a peer that died): nobody else came
         raise CollectiveMismatch(
             f"rank {dist.get_rank()} entered a collective at {' > '.join(here[-4:])} and its peers did not enter one "
-            f"within {collective_check_timeout():g} s ({str(e).strip().splitlines()[0][:200]}): a collective entered "
+            f"within {_check_timeout_s:g} s ({str(e).strip().splitlines()[0][:200]}): a collective entered "
             f"by a subset of ranks, or a peer stuck elsewhere. Full path: {' > '.join(here)}") from None
     if not same:
         common = 0  # frames all paths share: what follows is where the ranks went different ways

@@ -278,3 +278,36 @@ def test_unsupported_combinations_are_refused_at_start(options, message, text_da
     for lines in printed:
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "run").exists() and not (tmp_path / "values.bin").exists()
+
+
+# The bug of issue 22, put back: rank 0 samples alone (its sharded reads are collectives), rank 1 goes on.
+RANK0_SAMPLES_ALONE = textwrap.dedent("""
+    import os, runpy, sys
+    from pkmlm.training.trainer import Trainer
+    original = Trainer._validation_samples
+    def rank0_only(self):
+        samples = original(self)
+        return samples if self.env.is_main else None
+    Trainer._validation_samples = rank0_only
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path("train.py", run_name="__main__")
+""")
+
+
+def test_a_collective_that_rank_0_enters_alone_fails_at_once_naming_both_ranks(text_data, tmp_path):
+    """With PKMLM_COLLECTIVE_CHECK=1 the hang of issue 22 (a sharded run's first validation) is an error on both ranks
+    within seconds, naming rank 0's samples and where rank 1 went, instead of a wait of train.dist_timeout_s."""
+    config = _config(text_data, tmp_path / "run", {"values": "sharded", "feature": "plain", "precision": "fp32",
+                                                   "grad_accum": 1})
+    config["train"]["dist_timeout_s"] = 600  # what would bound the hang without the check
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    (tmp_path / "worker.py").write_text(RANK0_SAMPLES_ALONE)
+    proc = _launch(_torchrun(tmp_path / "worker.py", "--config", str(cfg)), "rank 0 sampling alone", timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "CollectiveMismatch: ranks entered different" in line]
+    assert len(errors) == 2, proc.stderr[-4000:]  # one per rank
+    for line in errors:
+        rank0, rank1 = line.split("rank 0 at ", 1)[1].split("; rank 1 at ", 1)
+        assert "trainer.py:_log_validation:" in rank0 and "value_table.py:forward:" in rank0, line
+        assert "trainer.py:_log_validation:" not in rank1.split("):")[0], line
