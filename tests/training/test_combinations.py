@@ -66,6 +66,16 @@ def uncovered_pairs(runs: list[dict], factors: dict[str, list]) -> list[tuple]:
 RUNS = covering_array()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """This process's own work (samples, evaluate, generate, inspect of tiny models) on one thread: a second one
+    costs more than it brings here, and spins (burns CPU) while the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_the_runs_cover_every_pair_of_options():
     assert uncovered_pairs(RUNS, FACTORS) == []
     assert len(RUNS) == len(FACTORS["feature"]) * len(FACTORS["precision"])  # the least any pairwise array needs
