@@ -192,11 +192,12 @@ def entering_collective(group=None) -> None:
         everyone = [here] if same else [None] * dist.get_world_size()
         if not same:
             dist.all_gather_object(everyone, here, group=_check_group)
-    except RuntimeError as e:  # gloo's timeout (or a peer that died): nobody else came
+    except RuntimeError as e:  # gloo's timeout, or a peer that died: nobody else came
         raise CollectiveMismatch(
-            f"rank {dist.get_rank()} entered a collective at {' > '.join(here[-4:])} and its peers did not enter one "
-            f"within {_check_timeout_s:g} s ({str(e).strip().splitlines()[0][:200]}): a collective entered "
-            f"by a subset of ranks, or a peer stuck elsewhere. Full path: {' > '.join(here)}") from None
+            f"rank {dist.get_rank()} entered a collective at {' > '.join(here[-4:])} and its peers did not join it "
+            f"(gloo: {str(e).strip().splitlines()[0][:200]}): after {_check_timeout_s:g} s, a collective entered by a "
+            f"subset of ranks or a peer stuck elsewhere; at once, a peer that died. Full path: {' > '.join(here)}"
+        ) from None
     if not same:
         common = 0  # frames all paths share: what follows is where the ranks went different ways
         while all(len(p) > common and p[common] == everyone[0][common] for p in everyone):
