@@ -182,6 +182,10 @@ class Config:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} is not divisible by world_size ({world_size}) x "
                 f"train.grad_accum ({self.train.grad_accum}); pick a multiple of {per_step}")
+        if self.train.sync_batchnorm and world_size > 1 and device_type != "cuda":
+            raise ConfigError(  # refused here, before any file is written, as wrap_model would refuse it later
+                f"train.sync_batchnorm=true needs CUDA devices (torch syncs BatchNorm on GPUs only); this run has "
+                f"{world_size} processes on {device_type}: set train.sync_batchnorm=false")
         v_dim = self.memory.v_dim or self.model.d_model
         if self.memory.shard_values and self.memory.positions and v_dim % world_size:
             raise ConfigError(

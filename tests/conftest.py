@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,11 @@ from pkmlm.data.corpora import bbc_news
 from pkmlm.data.prepare import MergeSettings, prepare
 from pkmlm.data.shards import write_split
 from pkmlm.training.trainer import train
+
+# Every multi-process run the tests start (they inherit the environment) checks that its ranks enter each collective
+# together, so code that one rank runs alone fails at once, naming where each rank is, instead of hanging
+# (pkmlm/distributed.py: entering_collective).
+os.environ.setdefault("PKMLM_COLLECTIVE_CHECK", "1")
 
 
 def write_random_corpus(root: Path, splits: dict[str, tuple[int, int]], *, vocab: int, vocab_hash: str,
@@ -67,17 +73,25 @@ def text_run_config(data_dir, out_dir, **train_overrides) -> dict:
 
 
 @pytest.fixture(scope="session")
-def text_run(tmp_path_factory):
-    """A run trained for 20 steps on 40 BBC articles prepared with sentencepiece: (data dir, run dir)."""
-    root = tmp_path_factory.mktemp("text_run")
+def text_data(tmp_path_factory):
+    """40 BBC articles prepared with sentencepiece (vocabulary 400; 4 valid, 2 test articles): the data directory,
+    tokenizer included, as a user's ``prepare`` leaves it."""
+    root = tmp_path_factory.mktemp("text_data")
     inputs = root / "in"
     inputs.mkdir()
     for i, doc in enumerate(itertools.islice(bbc_news(), 40)):
         (inputs / f"{i:03d}.txt").write_text(doc.text)
     prepare(root / "data", inputs=[inputs], settings=MergeSettings(vocab_size=400, valid="4", test="2"), workers=1,
             progress="off")
-    train(Config.from_dict(text_run_config(root / "data", root / "run")))
-    return root / "data", root / "run"
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def text_run(text_data, tmp_path_factory):
+    """A run trained for 20 steps on ``text_data``: (data dir, run dir)."""
+    run = tmp_path_factory.mktemp("text_run") / "run"
+    train(Config.from_dict(text_run_config(text_data, run)))
+    return text_data, run
 
 
 def pytest_configure(config):

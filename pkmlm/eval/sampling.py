@@ -17,6 +17,11 @@ the first steps (or `threads`); encoding the prompt keeps torch's default.
 
 Randomness comes only from one CPU torch.Generator per sample, seeded with that sample's seed: the same
 seed gives the same text on any device, and sample i of a batch equals a single sample with seed i.
+
+Under a process group ``generate`` is a collective: every rank calls it with the same prompt and seeds, and every
+rank continues with rank 0's tokens (one broadcast per token). So all ranks run the same forwards in lockstep,
+which a model with sharded value tables needs (each forward is collective there: pkmlm/memory/value_table.py),
+and the number of forwards cannot differ between ranks even if their logits differed in the last bit.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pkmlm import distributed as D
 from pkmlm.eval.threads import ThreadTuner
 from pkmlm.models.transformer import KVCache
 from pkmlm.precision import autocast
@@ -91,6 +97,7 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
     sees (at most its max_seq_len); see the module docstring. The model's train/eval mode is restored.
     threads: CPU threads of the one-token steps (0: measured on the first steps), or a ThreadTuner to use
     and read back (its `chosen`); torch's own count is restored on return.
+    Under a process group every rank must call it alike (see the module docstring).
     """
     check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompt:
@@ -128,6 +135,8 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
                     logits = model(seq[:, -1:], cache)
             probs, ids = candidates(logits[:, -1].cpu(), temperature=temperature, top_k=top_k, top_p=top_p)
             token = torch.cat([i[torch.multinomial(p, 1, generator=g)] for p, i, g in zip(probs, ids, generators)])
+            if D.world_size() > 1:  # rank 0's choice for everyone: the ranks' next forwards stay the same
+                token = D.broadcast(token.to(device)).cpu()
             for i, t in enumerate(token.tolist()):
                 if not done[i]:
                     if t == stop_id:
@@ -148,13 +157,14 @@ class ValidationSamples:
     The prompts are the openings (`prompt_tokens` ids) of the first `count` documents of the validation
     split, so they suit any corpus and stay the same for the whole run; the seed is fixed too, so only the
     model changes from one validation to the next. Sampling uses its own generators: training's random
-    state is untouched.
+    state is untouched. Under a process group every rank builds one and calls ``texts`` (``generate`` is a
+    collective there); ranks that log nothing pass ``codec=None`` and get no text back.
     """
 
     def __init__(self, codec, corpus, *, window: int, count: int = 3, prompt_tokens: int = 12,
                  new_tokens: int = 48, seed: int = 0, precision: str = "fp32"):
         self.codec, self.window, self.new_tokens, self.seed = codec, window, new_tokens, seed
-        self.precision = precision
+        self.precision, self.eos_id = precision, corpus.eos_id
         head = corpus.read(0, min(corpus.num_tokens, 64 * prompt_tokens * count)).tolist()
         docs, doc = [], []
         for t in head:
@@ -167,10 +177,11 @@ class ValidationSamples:
         self.prompts = [[corpus.eos_id] + d[:prompt_tokens] for d in docs if d][:count]
 
     def texts(self, model: nn.Module) -> dict[str, str]:
-        """{"samples/i": prompt and continuation as text} for every prompt."""
+        """{"samples/i": prompt and continuation as text} for every prompt ({} without a codec)."""
         out = {}
         for i, prompt in enumerate(self.prompts):
             new = generate(model, prompt, max_new_tokens=self.new_tokens, window=self.window, seeds=[self.seed],
-                           stop_id=self.codec.eos_id, precision=self.precision)[0]
-            out[f"samples/{i}"] = f"{self.codec.decode(prompt)} ▶ {self.codec.decode(new)}"
+                           stop_id=self.eos_id, precision=self.precision)[0]
+            if self.codec is not None:
+                out[f"samples/{i}"] = f"{self.codec.decode(prompt)} ▶ {self.codec.decode(new)}"
         return out

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pkmlm import distributed as D
 from pkmlm.memory import kernels
 from pkmlm.memory.sparse import row_sparse_grad
 
@@ -34,7 +35,9 @@ class ShardedValueTable(nn.Module):
 
     ``weight`` is the local shard (num_rows, dim // world); ``num_embeddings``, ``embedding_dim`` are the full
     sizes. Initialised N(0, dim**-0.5) exactly as a replicated table built with the same seed. Every rank
-    must call ``read`` the same number of times, in the same order (training steps and evaluation do).
+    must call ``read`` the same number of times, in the same order (training steps, evaluation and the training
+    loop's samples do): a read is a collective, so code that runs on one rank alone must not read a sharded
+    table (PKMLM_COLLECTIVE_CHECK=1 makes such a read fail at once instead of hanging: pkmlm/distributed.py).
     """
 
     sparse = True  # row-sparse gradient: pkmlm.training.optim gives the shard to RowAdam
@@ -85,6 +88,7 @@ class ShardedValueTable(nn.Module):
         """(..., dim // world) on every rank -> (..., dim) on rank 0, None elsewhere (all ranks must call)."""
         if self.world == 1:
             return shard.detach().clone()
+        D.entering_collective(self.group)
         shard = shard.detach().contiguous()
         parts = [torch.empty_like(shard) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(shard, parts, dst=0, group=self.group)
@@ -108,6 +112,8 @@ class _ShardedRead(torch.autograd.Function):
     def forward(ctx, weights, shard, slots, table):
         world, group = table.world, table.group
         n, reads = slots.shape
+        if world > 1:
+            D.entering_collective(group)
         counts = _all_gather_sizes(n, slots.device, group) if world > 1 else [n]
         # (M, R): every rank's tokens, rank by rank; sent as int32 (slots < 2**31, checked by the memory).
         all_slots = _all_gather_rows(slots.int(), counts, group).long()
@@ -125,6 +131,8 @@ class _ShardedRead(torch.autograd.Function):
         shard, all_slots, all_weights = ctx.saved_tensors
         table, counts = ctx.table, ctx.counts
         world, group, n = table.world, table.group, grad_out.shape[0]
+        if world > 1:
+            D.entering_collective(group)
         # Column slice c of this rank's output gradient goes to rank c: every token's gradient for my columns.
         send = grad_out.reshape(n, world, table.shard_dim).transpose(0, 1).reshape(world * n, table.shard_dim)
         grad_part = _all_to_all(send.to(shard.dtype), in_splits=[n] * world, out_splits=counts, group=group)

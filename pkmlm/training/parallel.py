@@ -30,7 +30,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from pkmlm.config import PARALLEL
-from pkmlm.distributed import DistEnv, DistributedError, all_gather_object, all_reduce_max, world_size
+from pkmlm.distributed import (DistEnv, DistributedError, all_gather_object, all_reduce_max, entering_collective,
+                               world_size)
 from pkmlm.memory import ProductKeyMemory
 from pkmlm.memory.sparse import coalesce_rows
 
@@ -65,6 +66,7 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sparse_ids = {id(p) for p in sparse_params}
     skipped = sparse_ids | {id(p) for p in sharded_params}
+    entering_collective()  # the broadcasts below, and DDP's or FSDP's own of the other parameters
     for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
         dist.broadcast(p.data, src=0)
     if parallel == "fsdp":
@@ -197,6 +199,7 @@ def all_reduce_sparse_grads(params: Iterable[nn.Parameter]) -> None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
+    entering_collective()
     for p in params:
         if p.grad is None:
             raise RuntimeError("a memory value table got no gradient on this rank; all ranks must use every memory")
@@ -284,6 +287,7 @@ def average_batchnorm_stats(model: nn.Module) -> None:
     """
     if world_size() == 1:
         return
+    entering_collective()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
             for stat in (m.running_mean, m.running_var):

@@ -105,15 +105,17 @@ def train(config: Config, resume: str | os.PathLike | None = None,
     resume: None (fresh run; refuses an out_dir that holds checkpoints), "latest" (the newest checkpoint in
     ``train.out_dir``, or a fresh run when there is none: the same command works after a requeue), or a path.
     init_from: a checkpoint whose matching weights start a fresh run (pkmlm/models/init_from.py); unused when resuming.
+    A process group the caller already joined is used and left up (torchrun's store cannot host a second one).
     """
     env = D.detect_env()
     device = D.resolve_device(config.train.device, env)
     config.validate_runtime(world_size=env.world_size, device_type=device.type)
-    D.init_process_group(env, device, timeout_s=config.train.dist_timeout_s)
+    created = D.init_process_group(env, device, timeout_s=config.train.dist_timeout_s)
     try:
         return Trainer(config, env, device).run(resume, init_from)
     finally:
-        D.destroy_process_group()
+        if created:
+            D.destroy_process_group()
 
 
 class Trainer:
@@ -315,6 +317,8 @@ class Trainer:
         world = self.env.world_size
         global_tokens = self.config.data.batch_size * bptt
         rows = next(self.stream).to(self.device, non_blocking=True).long()  # (B / world, bptt + 1)
+        if world > 1:
+            D.entering_collective()  # DDP's gradient all-reduces in the backward below
         nll = torch.zeros((), device=self.device, dtype=torch.float64)
         micro_batches = rows.split(self.micro_rows)
         for i, micro in enumerate(micro_batches):
@@ -382,7 +386,7 @@ class Trainer:
         # Per slot, heads summed: how often it was read and the softmax weight it got, on the validation tokens.
         self.log.histograms(self.step, {f"memory/{name}/{kind}": h[key].sum(0) for name, h in histograms.items()
                                         for kind, key in (("slot_reads", "counts"), ("slot_weights", "weights"))})
-        if self.samples is not None:
+        if self.samples is not None:  # every rank samples (in lockstep: see _validation_samples), rank 0 logs
             self.log.texts(self.step, self.samples.texts(self.model))
         usage = ", ".join(f"{name} usage {s['usage']:.1%} KL {s['kl_counts']:.3f}" for name, s in stats.items())
         self.log.message(f"step {self.step}: valid loss {loss:.4f} ppl {perplexity(loss):.2f}{self._validation_scope()}"
@@ -398,17 +402,20 @@ class Trainer:
                 "train.eval_batches; evaluate.py reads all of it)")
 
     def _validation_samples(self) -> ValidationSamples | None:
-        """The fixed-prompt samples logged at every validation; None when the data has no tokenizer."""
-        if self.env.world_size > 1 and (self.config.train.parallel == "fsdp" or self.sharded):
-            # Sampling runs on rank 0 alone, but then a forward needs every rank (FSDP's all-gathers, a sharded
-            # table's exchange): it would wait forever.
-            self.log.message("no samples in TensorBoard: with train.parallel=fsdp or memory.shard_values a forward "
-                             "needs every rank, and samples are drawn on rank 0 only")
-            return None
-        try:
-            codec = load_codec(self.config.data.dir, vocab_hash=self.valid_data.vocab_hash)
-        except DataError as e:
-            self.log.message(f"no samples in TensorBoard: {e}")
+        """The fixed-prompt samples logged at every validation; None when the data has no tokenizer (all ranks call).
+
+        Every rank samples, not rank 0 alone: a model with sharded value tables reads them in collectives, and
+        nothing that one rank runs alone may enter a collective (docs/architecture.md). Rank 0 decodes and logs;
+        its verdict on the tokenizer is everyone's, so all ranks sample or none does.
+        """
+        codec = None
+        if self.env.is_main:
+            try:
+                codec = load_codec(self.config.data.dir, vocab_hash=self.valid_data.vocab_hash)
+            except DataError as e:
+                self.log.message(f"no samples in TensorBoard: {e}")
+        missing = D.all_reduce_max(torch.tensor([float(self.env.is_main and codec is None)], device=self.device))
+        if missing.item() > 0:
             return None
         return ValidationSamples(codec, self.valid_data, window=self.config.data.bptt, seed=self.config.train.seed,
                                  precision=self.config.train.precision)
@@ -439,7 +446,7 @@ class Trainer:
             self.log = RunLogger(self.out_dir, enabled=self.env.is_main, total_steps=t.max_steps,
                                  initial_step=self.step)
             try:
-                self.samples = self._validation_samples() if self.env.is_main else None
+                self.samples = self._validation_samples()
                 if resumed_from is not None:
                     self.log.message(f"resumed from {resumed_from} at step {self.step}"
                                      + (f" (--init-from {init_from} ignored: the weights come from the checkpoint)"

@@ -217,3 +217,58 @@ def test_replica_drift_is_detected_on_every_rank(tmp_path):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "a differs between ranks (ranks [1] disagree with rank 0)" in message
         assert "resume from the last checkpoint" in message
+
+
+def _check_worker(rank, port, out_dir):
+    """PKMLM_COLLECTIVE_CHECK=1: a matched collective works; different collectives on the two ranks raise on both,
+    naming each rank's site; a collective rank 0 enters alone raises on rank 0 within the check's timeout."""
+    import time
+    os.environ.update(PKMLM_COLLECTIVE_CHECK="1", PKMLM_COLLECTIVE_CHECK_TIMEOUT_S="3")
+    D.init_process_group(D.DistEnv(rank, 2, rank, "127.0.0.1", port), torch.device("cpu"), timeout_s=60)
+    outcome = {"sum": D.all_reduce_sum(torch.tensor([rank + 1.0])).item()}
+    try:  # rank 0 reduces a max, rank 1 a sum: the same shape, so only the call sites tell them apart
+        (D.all_reduce_max if rank == 0 else D.all_reduce_sum)(torch.ones(1))
+        outcome["mismatch"] = "returned"
+    except D.CollectiveMismatch as e:
+        outcome["mismatch"] = str(e)
+    if rank == 0:  # alone: rank 1 enters no collective any more
+        start = time.time()
+        try:
+            D.broadcast(torch.ones(1))
+            outcome["alone"] = "returned"
+        except D.CollectiveMismatch as e:
+            outcome["alone"] = str(e)
+        outcome["seconds"] = time.time() - start
+    torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+    open(os.path.join(out_dir, f"done{rank}"), "w").close()
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out_dir, "done0")) and time.time() < deadline:
+        time.sleep(0.1)
+    os._exit(0)  # the check group is broken on purpose: skip its teardown
+
+
+@pytest.mark.slow
+def test_collective_check_names_where_each_rank_is(tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_check_worker, args=(port, str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [g["sum"] for g in got] == [3.0, 3.0]
+    for g in got:  # both ranks raise the same error, naming both sites
+        assert g["mismatch"].startswith("ranks entered different collectives (rank 0 at "), g["mismatch"]
+        assert "distributed.py:all_reduce_max:" in g["mismatch"] and "distributed.py:all_reduce_sum:" in g["mismatch"]
+    assert "rank 0 entered a collective at " in got[0]["alone"] and "distributed.py:broadcast:" in got[0]["alone"]
+    assert "after 3 s, a collective entered by a subset of ranks" in got[0]["alone"] and got[0]["seconds"] < 30, got[0]
+
+
+@pytest.mark.parametrize("flag, timeout, message", [("yes", "60", "PKMLM_COLLECTIVE_CHECK='yes'"),
+                                                     ("1", "0", "PKMLM_COLLECTIVE_CHECK_TIMEOUT_S='0'")])
+def test_collective_check_settings_are_validated(flag, timeout, message, monkeypatch):
+    monkeypatch.setenv("PKMLM_COLLECTIVE_CHECK", flag)
+    monkeypatch.setenv("PKMLM_COLLECTIVE_CHECK_TIMEOUT_S", timeout)
+    with pytest.raises(D.DistributedError, match=message):
+        D.collective_check_timeout()
+    monkeypatch.setenv("PKMLM_COLLECTIVE_CHECK", "0")
+    assert D.collective_check_timeout() is None
