@@ -29,6 +29,7 @@ from pkmlm.eval.textcodec import TextCodec, load_codec
 from pkmlm.memory.metrics import memory_stats, per_head_stats
 from pkmlm.memory.value_table import local_state, sharded_tables
 from pkmlm.memory.values_file import ValuesFileError, attach, load_model_state
+from pkmlm.models.lora import LoraUnavailable, apply_lora
 from pkmlm.models.transformer import TransformerLM
 from pkmlm.precision import autocast
 
@@ -65,6 +66,11 @@ def load_model(state: dict, path: Path, device: torch.device) -> TransformerLM:
     if saved_vocab is None:
         raise EvaluationError(f"{path} holds no token embedding (tok_emb.weight): not a TransformerLM checkpoint")
     model = TransformerLM(config, saved_vocab.shape[0])
+    if config.train.trainable == "lora":  # the adapters the run trained (pkmlm/models/lora.py), then its weights
+        try:
+            apply_lora(model, rank=config.train.lora_rank, alpha=config.train.lora_alpha)
+        except LoraUnavailable as e:
+            raise EvaluationError(f"{path}: {e}") from None
     weights = state["model"]
     if config.memory.values_file:  # the table is mapped copy-on-write as of the checkpoint's step, never loaded
         try:

@@ -8,6 +8,7 @@ Sharded tables (pkmlm/memory/value_table.py) need no gradient sync: DDP ignores 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -53,8 +54,24 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     for p in {id(p): p for n, p in model.named_parameters() if id(p) in sparse_ids}.values():
         dist.broadcast(p.data, src=0)
+    if not any(p.requires_grad for n, p in model.named_parameters() if n not in ignored):
+        return _NothingToSync(model)  # e.g. train.trainable=slots: only value tables train, DDP has no work
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False)
+
+
+class _NothingToSync(nn.Module):
+    """The model as is, with DDP's ``no_sync()``, for a run whose every gradient is synced outside DDP."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
 
 
 @torch.no_grad()
