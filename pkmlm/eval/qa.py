@@ -84,6 +84,36 @@ def encode_qa(records: list[dict], codec: TextCodec, max_len: int) -> list[tuple
 
 
 @torch.no_grad()
+def continuation_scores(model: nn.Module, items: list[tuple[list[int], list[int]]], *, batch_size: int,
+                        precision: str = "fp32", min_batches: int = 0) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context) in nats, greedy: every continuation token is the argmax) per
+    (context ids, continuation ids) item; context non-empty, len(context) + len(continuation) - 1 <= the model's
+    length. Runs at least ``min_batches`` forwards (empty ones when the items run out). Restores train/eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for b in range(max(min_batches, math.ceil(len(items) / batch_size))):
+        chunk = items[b * batch_size:(b + 1) * batch_size]
+        width = max((len(p) + len(a) - 1 for p, a in chunk), default=1)
+        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for i, (context, continuation) in enumerate(chunk):
+            seq = context + continuation
+            inputs[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+            targets[i, len(context) - 1:len(seq) - 1] = torch.tensor(continuation)
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, precision):
+            logits = model(inputs)  # right padding: positions after an item's end do not change its own
+        mask = targets != -100
+        token_logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logprob = (token_logp * mask).double().sum(-1)
+        greedy = ((logits.argmax(-1) == targets) | ~mask).all(-1)
+        out += [(float(lp), bool(g)) for lp, g in zip(logprob.tolist(), greedy.tolist())]
+    model.train(was_training)
+    return out
+
+
 def score_qa(model: nn.Module, items: list[tuple[list[int], list[int], str]], *, batch_size: int,
              precision: str = "fp32") -> dict[str, float]:
     """{"qa_acc", "qa_logprob", "qa_count", "qa_acc/{attribute}"...} of ``items`` from ``encode_qa`` (all ranks call)."""
@@ -96,30 +126,13 @@ def score_qa(model: nn.Module, items: list[tuple[list[int], list[int], str]], *,
     logprob = torch.zeros(1, dtype=torch.float64, device=device)
     mine = items[rank::world]
     batches = math.ceil(math.ceil(len(items) / world) / batch_size)  # the same on every rank
-    was_training = model.training
-    model.eval()
-    for b in range(batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        width = max((len(p) + len(a) - 1 for p, a, _ in chunk), default=1)
-        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
-        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for i, (prompt, answer, _) in enumerate(chunk):
-            seq = prompt + answer
-            inputs[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-            targets[i, len(prompt) - 1:len(seq) - 1] = torch.tensor(answer)
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast(device, precision):
-            logits = model(inputs)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        mask = targets != -100
-        token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        right = ((logits.argmax(-1) == targets) | ~mask).all(-1)
-        logprob += token_logp.sum()
-        for i, (_, _, attribute) in enumerate(chunk):
-            for c in ([column[attribute]] if attribute else []) + [len(attributes)]:
-                correct[0, c] += float(right[i])
-                correct[1, c] += 1
-    model.train(was_training)
+    scores = continuation_scores(model, [(p, a) for p, a, _ in mine], batch_size=batch_size, precision=precision,
+                                 min_batches=batches)
+    for (_, _, attribute), (lp, right) in zip(mine, scores):
+        logprob += lp
+        for c in ([column[attribute]] if attribute else []) + [len(attributes)]:
+            correct[0, c] += float(right)
+            correct[1, c] += 1
     D.all_reduce_sum(correct)
     D.all_reduce_sum(logprob)
     total = correct[1, -1].item()
