@@ -62,9 +62,10 @@ def make_facts(out: Path, people: int, *, seed: int = 0, first: int = 0, bios: i
     if not (src / "facts.json").is_file():
         F.write_corpus(src, people, seed=seed, first=first, bios=bios, qa_test_fraction=qa_test_fraction, mix=mix)
     if not (data / "train").is_dir():
+        held_out = str(max(2, people * bios // 100))  # 1 % of the biographies, at least 2 documents
         prepare(data, inputs=[src / "text"], split="blank-line",
                 settings=MergeSettings(vocab_size=vocab, tokenizer=str(tokenizer) if tokenizer else None,
-                                       valid="0.01", test="0.01"), workers=1, progress="off")
+                                       valid=held_out, test=held_out), workers=1, progress="off")
     return data
 
 

@@ -217,3 +217,42 @@ def test_lora_trains_adapters_only_and_its_checkpoint_evaluates(dirs, tmp_path):
         assert torch.equal(loaded(idx), result.model(idx))
     row = evaluate_checkpoint(path, splits=["valid"])
     assert math.isfinite(row["valid_loss"])
+
+
+WORKER = """
+import os, sys, torch, yaml
+from pkmlm.config import Config
+from pkmlm.training.trainer import train
+result = train(Config.from_dict(yaml.safe_load(open(sys.argv[1]))))
+torch.save(result.model.state_dict(), f"{sys.argv[2]}/rank{os.environ['RANK']}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_slots_two_processes_match_one(dirs, tmp_path):
+    """torchrun, 2 gloo processes: read counts and background summed over ranks, so both ranks select the rows
+    one process selects (whole background split read), and end with its weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    config = slots(dirs, tmp_path / "two", max_steps=3, background_tokens=0)
+    config["model"]["dropout"] = 0.0
+    (tmp_path / "worker.py").write_text(WORKER)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), str(tmp_path / "c.yaml"), str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    config["train"].update(out_dir=str(tmp_path / "one"), grad_accum=2)
+    one = train(Config.from_dict(config)).model.state_dict()
+    for name, value in one.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
