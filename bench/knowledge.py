@@ -16,7 +16,9 @@ Each row: QA exact match (pkmlm/eval/qa.py) on the people whose QA pairs were in
 seen only in biographies, asked in a form never seen with them: knowledge extraction); facts recalled (all
 6N questions answered exactly), bits of knowledge (sum over recalled facts of log2 of their attribute's
 number of values, the attribute entropy of Allen-Zhu & Li; a count of what is recalled exactly, not their
-loss-based lower bound), bits per parameter (total and active), training and inference tokens/s.
+loss-based lower bound), bits per parameter (total and active), training and inference tokens/s; and the mean
+log-likelihood of the right answer (nats, `logprob_*`), which moves long before exact matches appear.
+A finished run is not trained again (delete its folder to retrain): rerunning re-evaluates.
 Each row prints the command that makes it alone. CPU scale: see docs/quality.md for what remains for a GPU.
 """
 
@@ -80,10 +82,12 @@ def run_model(name: str, data: Path, out: Path, steps: int, lr: float) -> dict:
     config = base_config(data, out, steps, lr)
     for section, values in MODELS[name].items():
         config[section] = {**config[section], **values}
-    start = time.perf_counter()
+    timing = out / "train_seconds.json"  # kept, so that a re-evaluation still reports the training speed
     if not (out / "checkpoints").is_dir():
+        start = time.perf_counter()
         train(Config.from_dict(config))
-    seconds = time.perf_counter() - start
+        timing.write_text(json.dumps(time.perf_counter() - start))
+    seconds = json.loads(timing.read_text()) if timing.is_file() else math.nan
     return {"config": config, "train_seconds": seconds}
 
 
@@ -105,10 +109,11 @@ def bench(people: int, models: list[str], steps: int, lr: float, out: Path) -> l
         rows.append({
             "people": people, "model": name, "steps": steps, "params_total": evaluated["params_total"],
             "params_active": evaluated["params_active"], "acc_seen": seen["qa_acc"], "acc_heldout": heldout["qa_acc"],
+            "logprob_seen": seen["qa_logprob"], "logprob_heldout": heldout["qa_logprob"],
             "facts_recalled": round(recalled), "facts": 6 * people, "bits": stored,
             "bits_per_param": stored / evaluated["params_total"], "bits_per_active": stored / evaluated["params_active"],
             "valid_ppl": evaluated["valid_ppl"],
-            "train_tok_s": tokens / made["train_seconds"] if made["train_seconds"] > 1 else math.nan,
+            "train_tok_s": tokens / made["train_seconds"],
             "infer_tok_s": evaluated["tokens_per_s"],
             "command": f"python bench/knowledge.py --people {people} --models {name} --steps {steps} --lr {lr} "
                        f"--out {out}", "config": str(run_dir / "config.yaml")})
@@ -117,7 +122,7 @@ def bench(people: int, models: list[str], steps: int, lr: float, out: Path) -> l
 
 def table(rows: list[dict]) -> str:
     cols = ["people", "model", "steps", "params_total", "params_active", "acc_seen", "acc_heldout",
-            "facts_recalled", "bits", "bits_per_param", "bits_per_active", "valid_ppl", "train_tok_s", "infer_tok_s"]
+            "logprob_seen", "logprob_heldout", "facts_recalled", "bits", "bits_per_param", "bits_per_active", "valid_ppl", "train_tok_s", "infer_tok_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
