@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from pkmlm import distributed as D
 from pkmlm.config import Config, ConfigError
+from pkmlm.data import DataError
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import eval_batches
 from pkmlm.fileio import atomic_open
@@ -226,8 +227,6 @@ def background_reads(model: nn.Module, data_dir: str | Path, *, vocab_hash: str 
                      ) -> tuple[dict[str, Tensor], int]:
     """Slot read counts (slots,) float64 per table over the first ``max_tokens`` (0: all) tokens of
     ``data_dir``'s train split, model in eval mode, summed over ranks (all ranks call). Returns (counts, tokens)."""
-    from pkmlm.data import DataError  # the data's own errors name the directory
-
     try:
         corpus = open_split(Path(data_dir) / "train", expected_vocab_hash=vocab_hash,
                             require_tokens="background counting")
