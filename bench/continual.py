@@ -14,8 +14,8 @@ al. 2025, "Continual Learning via Sparse Memory Finetuning").
 3. From that checkpoint (train.py --init-from), each method is taught B for --steps steps, at each --lrs
    (dense lr; value tables at 10x):  full (train.trainable=all), lora (trainable=lora, rank 8),
    memory (trainable=memory), slots (trainable=slots, top_slots=--top-slots, background=BBC).
-4. Each run: accuracy on B (learned), accuracy on A and BBC test perplexity (forgotten), with the pretrained
-   model as the first row. --plot draws learned against forgotten (accuracy on A), one point per lr.
+4. Each run: accuracy and answer log-likelihood (nats) on B (learned), the same on A and BBC test perplexity
+   (forgotten), with the pretrained model as the first row. A finished run is not trained again. --plot draws learned against forgotten (accuracy on A), one point per lr.
 
 Every row prints the command that makes it alone. CPU scale only; see docs/quality.md for what is left.
 """
@@ -70,7 +70,8 @@ def setup(out: Path, people_a: int, people_b: int, pretrain_steps: int, lr: floa
 
 def measure(run_dir: Path, paths: dict[str, Path]) -> dict:
     row = evaluate_checkpoint(run_dir, splits=["test"], data_dir=paths["bbc"])
-    return {"acc_b": qa_scores(run_dir, paths["qa_b"])["qa_acc"], "acc_a": qa_scores(run_dir, paths["qa_a"])["qa_acc"],
+    b, a = qa_scores(run_dir, paths["qa_b"]), qa_scores(run_dir, paths["qa_a"])
+    return {"acc_b": b["qa_acc"], "acc_a": a["qa_acc"], "logprob_b": b["qa_logprob"], "logprob_a": a["qa_logprob"],
             "bbc_ppl": row["test_ppl"]}
 
 
@@ -120,11 +121,12 @@ def main(argv=None) -> int:
     base = rows[0]
     for r in rows:
         r["forgot_a"] = base["acc_a"] - r["acc_a"]
-    lines = ["| method | lr | acc B (learned) | acc A | forgot A | BBC test ppl |", "|---|---|---|---|---|---|"]
+    lines = ["| method | lr | acc B (learned) | logprob B | acc A | forgot A | logprob A | BBC test ppl |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lr = "" if r["lr"] is None else f"{r['lr']:g}"
-        lines.append(f"| {r['method']} | {lr} | {r['acc_b']:.1%} | "
-                     f"{r['acc_a']:.1%} | {r['forgot_a']:+.1%} | {r['bbc_ppl']:.1f} |")
+        lines.append(f"| {r['method']} | {lr} | {r['acc_b']:.1%} | {r['logprob_b']:.2f} | {r['acc_a']:.1%} | "
+                     f"{r['forgot_a']:+.1%} | {r['logprob_a']:.2f} | {r['bbc_ppl']:.1f} |")
     text = "\n".join(lines) + "\n\nCommands (one per row):\n\n" + "\n".join(f"    {r['command']}" for r in rows) + "\n"
     print(text)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
