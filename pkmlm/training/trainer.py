@@ -442,7 +442,8 @@ class Trainer:
                     self.log.message(note)
                 if self.config.train.trainable != "all" or self.config.train.freeze:
                     self.log.message(self.finetune.summary())
-                background = self.finetune.start(self.out_dir, self.micro_rows, self.train_data.vocab_hash)  # slots: background reads
+                # train.trainable=slots: the background slot reads, counted once (all ranks call).
+                background = self.finetune.start(self.out_dir, self.micro_rows, self.train_data.vocab_hash)
                 if background is not None:
                     self.log.message(background)
                 if self.env.is_main:
