@@ -27,7 +27,8 @@ TF-IDF of slot s in a step (per value table; heads, tokens and ranks summed):
 Rows with c(s) > 0 are ranked by tf * idf (ties: lower slot first) and the best ``top_slots`` keep their
 gradient; the others' gradient is dropped before clipping, so RowAdam leaves their weights and moments alone.
 The background counts are taken once, at the start of the fine-tuning run (eval mode, on ``background_tokens``
-tokens of ``train.background``'s train split: each rank reads the start of its part of it), and cached in ``OUT_DIR/background_reads.pt``:
+tokens of ``train.background``'s train split: each rank reads the start of its part of it), and cached in
+``OUT_DIR/background_reads.pt``:
 a resumed run reads them back and so selects exactly the rows an uninterrupted run would.
 """
 
@@ -222,8 +223,8 @@ def top_tfidf(counts: Tensor, background: Tensor, top: int) -> Tensor:
 
 
 @torch.no_grad()
-def background_reads(model: nn.Module, data_dir: str | Path, *, vocab_hash: str | None, max_tokens: int, batch_size: int, bptt: int,
-                     precision: str, tables: dict[str, tuple[nn.Parameter, list[ProductKeyMemory]]]
+def background_reads(model: nn.Module, data_dir: str | Path, *, vocab_hash: str | None, max_tokens: int,
+                     batch_size: int, bptt: int, precision: str, tables: dict[str, tuple[nn.Parameter, list[ProductKeyMemory]]]
                      ) -> tuple[dict[str, Tensor], int]:
     """Slot read counts (slots,) float64 per table over the first ``max_tokens`` (0: all) tokens of
     ``data_dir``'s train split, model in eval mode, summed over ranks (all ranks call). Returns (counts, tokens)."""
