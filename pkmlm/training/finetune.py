@@ -224,10 +224,11 @@ def top_tfidf(counts: Tensor, background: Tensor, top: int) -> Tensor:
 
 @torch.no_grad()
 def background_reads(model: nn.Module, data_dir: str | Path, *, vocab_hash: str | None, max_tokens: int,
-                     batch_size: int, bptt: int, precision: str, tables: dict[str, tuple[nn.Parameter, list[ProductKeyMemory]]]
-                     ) -> tuple[dict[str, Tensor], int]:
-    """Slot read counts (slots,) float64 per table over the first ``max_tokens`` (0: all) tokens of
-    ``data_dir``'s train split, model in eval mode, summed over ranks (all ranks call). Returns (counts, tokens)."""
+                     batch_size: int, bptt: int, precision: str,
+                     tables: dict[str, tuple[nn.Parameter, list[ProductKeyMemory]]]) -> tuple[dict[str, Tensor], int]:
+    """Slot read counts (slots,) float64 per table over ``max_tokens`` (0: all) tokens of ``data_dir``'s train
+    split (each rank the start of its part), model in eval mode, summed over ranks (all ranks call).
+    Returns (counts, tokens read)."""
     try:
         corpus = open_split(Path(data_dir) / "train", expected_vocab_hash=vocab_hash,
                             require_tokens="background counting")
