@@ -61,6 +61,7 @@ def test_cli_runs_the_shipped_tasks_offline_and_agrees_with_evaluate(text_run, t
     assert results["pkmlm_text_ppl"]["bits_per_byte"] > 0 and 0 <= results["pkmlm_cloze"]["acc"] <= 1
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(text_run, tmp_path):
     for args, message in ((["--tasks", "nope"], "unknown task"), (["--tasks", "pkmlm_facts_qa"], "--qa")):
         proc = subprocess.run([sys.executable, "-m", "pkmlm.eval.harness", str(text_run[1]), *args], cwd=ROOT,
