@@ -2,6 +2,7 @@
 
     python evaluate.py runs/tiny_pkm runs/tiny --split valid,test [--json out.json] [--csv out.csv]
     python evaluate.py runs/*/checkpoints/step_0001000.pt --per-head --batch-size 32 --data-dir data/bbc_news
+    python evaluate.py runs/facts_pkm --qa data/facts_src/qa_test.jsonl        (adds qa_acc, qa_logprob)
     torchrun --nproc_per_node=8 evaluate.py runs/12L_pkm          (each rank evaluates its part of every split)
 
 Each argument is a checkpoint file or a run directory (its newest checkpoint); a shell glob (runs/*) gathers
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
                         help="sequences per forward on each process (default: the training loop's)")
     parser.add_argument("--data-dir", help="prepared data directory (default: the data.dir saved in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--qa", type=Path, metavar="FILE.jsonl",
+                        help="also score these questions (python -m pkmlm.data.facts writes qa_test.jsonl): "
+                             "exact-match accuracy of the greedy answer (qa_acc) and its log-likelihood (qa_logprob)")
     args = parser.parse_args(argv)
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
 
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
         init_process_group(env, device)
         try:
             rows = [evaluate_checkpoint(p, splits=splits, data_dir=args.data_dir, batch_size=args.batch_size,
-                                        per_head=args.per_head, device=device) for p in args.paths]
+                                        per_head=args.per_head, device=device, qa=args.qa) for p in args.paths]
         finally:
             destroy_process_group()
     except (EvaluationError, CheckpointError, ConfigError, DataError, DistributedError, KernelsError) as e:
@@ -77,6 +81,7 @@ def markdown_table(rows: list[dict], splits: list[str]) -> str:
     memories = sorted({k.rsplit("/", 1)[0] for r in rows for k in r if k.endswith("/usage") and "/head" not in k})
     columns = ["name", "step", "params_total", "params_memory_values", "params_active"]
     columns += [f"{s}_{m}" for s in splits for m in ("ppl", "acc")] + ["tokens_per_s"]
+    columns += [c for c in ("qa_acc", "qa_logprob") if any(c in r for r in rows)]
     columns += [f"{m}/{c}" for m in memories for c in MEMORY_COLUMNS]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:

@@ -29,6 +29,10 @@ FFNS = ("gelu", "gelu_tanh", "swiglu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("ddp", "fsdp")  # train.parallel: how several processes share the dense parameters
+# Fine-tuning (pkmlm/training/finetune.py): parts train.freeze may name, and what train.trainable may be.
+FREEZE_PARTS = ("embeddings", "attention", "ffn", "norms", "dense", "memory", "memory_keys", "memory_values")
+TRAINABLE = ("all", "memory", "slots", "lora")
+SLOT_SELECTIONS = ("tfidf",)
 
 
 class ConfigError(ValueError):
@@ -144,6 +148,15 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     keep_best: bool = False  # also keep checkpoints/best.pt, the lowest validation loss seen
     dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run on every rank
+    # Fine-tuning (pkmlm/training/finetune.py, docs/config.md): what trains and what stays frozen.
+    freeze: list[str] = field(default_factory=list)  # parts not trained, from FREEZE_PARTS (trainable=all only)
+    trainable: str = "all"  # all | memory (= freeze everything outside memories) | slots | lora
+    slot_selection: str = "tfidf"  # slots: how the T rows of a step are chosen
+    top_slots: int = 0  # slots: value rows updated per step and value table (required, >= 1)
+    background: Optional[str] = None  # slots: prepared data dir whose train split gives background slot reads
+    background_tokens: int = 1_000_000  # slots: background tokens read (0: the whole train split)
+    lora_rank: int = 8  # lora: rank of the adapters on attention and FFN projections
+    lora_alpha: float = 16.0  # lora: adapters scaled by lora_alpha / lora_rank
 
 
 @dataclass
@@ -520,3 +533,53 @@ def _problems(c: Config):
     yield from at_least("train.eval_batches", t.eval_batches, 0)
     if t.dist_timeout_s <= 0:
         yield "train.dist_timeout_s", f"{t.dist_timeout_s} (must be > 0 seconds)"
+    yield from _finetune_problems(c)
+
+
+def _finetune_problems(c: Config):
+    """train.freeze / train.trainable and their options: one coherent choice of what trains."""
+    mem, t = c.memory, c.train
+    for i, part in enumerate(t.freeze):
+        if part not in FREEZE_PARTS:
+            yield f"train.freeze[{i}]", f"'{part}' (must be one of {', '.join(FREEZE_PARTS)})"
+        elif part in t.freeze[:i]:
+            yield f"train.freeze[{i}]", f"'{part}' is a duplicate"
+    if t.trainable not in TRAINABLE:
+        yield "train.trainable", f"'{t.trainable}' (must be one of {', '.join(TRAINABLE)})"
+        return
+    if t.freeze and t.trainable != "all":
+        yield "train.freeze", (f"{t.freeze} with train.trainable={t.trainable}, which already decides what trains: "
+                               "use train.freeze with train.trainable=all only")
+    frozen = set(t.freeze)
+    if "dense" in frozen and ("memory" in frozen or not mem.positions):
+        yield "train.freeze", f"{t.freeze} freezes every parameter: leave something to train"
+    if frozen & {"memory", "memory_keys", "memory_values"} and not mem.positions:
+        yield "train.freeze", f"{t.freeze} names memory parts but the model has no memory (memory.positions is empty)"
+    if t.trainable in ("memory", "slots") and not mem.positions:
+        yield "train.trainable", f"'{t.trainable}' but the model has no memory (memory.positions is empty)"
+    if mem.reinit_every > 0 and (t.trainable != "all" or frozen & {"memory", "memory_keys", "memory_values"}):
+        yield "memory.reinit_every", (f"{mem.reinit_every} while the memory is (partly) frozen by train.trainable="
+                                      f"{t.trainable} / train.freeze={t.freeze}: set memory.reinit_every=0")
+    if t.slot_selection not in SLOT_SELECTIONS:
+        yield "train.slot_selection", f"'{t.slot_selection}' (must be one of {', '.join(SLOT_SELECTIONS)})"
+    if t.top_slots < 0:
+        yield "train.top_slots", f"{t.top_slots} (must be >= 0)"
+    if t.background_tokens < 0:
+        yield "train.background_tokens", f"{t.background_tokens} (must be >= 0)"
+    if t.trainable == "slots":
+        if t.top_slots < 1:
+            yield "train.top_slots", f"{t.top_slots} with train.trainable=slots: give the rows per step, e.g. 1000"
+        if not t.background:
+            yield "train.background", ("unset with train.trainable=slots: give a prepared data dir (e.g. the "
+                                       "pretraining data) whose slot reads are the background")
+        if mem.shard_values:
+            yield "train.trainable", "'slots' with memory.shard_values=true is not supported: set shard_values=false"
+    else:
+        if t.top_slots:
+            yield "train.top_slots", f"{t.top_slots} is used by train.trainable=slots only: remove it or set 0"
+        if t.background:
+            yield "train.background", "is used by train.trainable=slots only: remove it"
+    if t.lora_rank < 1:
+        yield "train.lora_rank", f"{t.lora_rank} (must be >= 1)"
+    if t.lora_alpha <= 0:
+        yield "train.lora_alpha", f"{t.lora_alpha} (must be > 0)"

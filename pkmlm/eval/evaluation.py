@@ -26,10 +26,12 @@ from pkmlm import checkpoint as ckpt, distributed as D
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import eval_batches
+from pkmlm.eval.qa import QAError, encode_qa, load_qa, score_qa
 from pkmlm.eval.textcodec import TextCodec, load_codec
 from pkmlm.memory.metrics import memory_stats, per_head_stats
 from pkmlm.memory.value_table import local_state, sharded_tables
 from pkmlm.memory.values_file import ValuesFileError, attach, load_model_state
+from pkmlm.models.lora import LoraUnavailable, apply_lora
 from pkmlm.models.transformer import TransformerLM
 from pkmlm.precision import autocast
 
@@ -66,6 +68,11 @@ def load_model(state: dict, path: Path, device: torch.device) -> TransformerLM:
     if saved_vocab is None:
         raise EvaluationError(f"{path} holds no token embedding (tok_emb.weight): not a TransformerLM checkpoint")
     model = TransformerLM(config, saved_vocab.shape[0])
+    if config.train.trainable == "lora":  # the adapters the run trained (pkmlm/models/lora.py), then its weights
+        try:
+            apply_lora(model, rank=config.train.lora_rank, alpha=config.train.lora_alpha)
+        except LoraUnavailable as e:
+            raise EvaluationError(f"{path}: {e}") from None
     weights = state["model"]
     if config.memory.values_file:  # the table is mapped copy-on-write as of the checkpoint's step, never loaded
         try:
@@ -113,12 +120,14 @@ def load_trained(path: str | os.PathLike, *, data_dir: str | os.PathLike | None 
 
 
 def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir: str | None = None,
-                        batch_size: int = 0, per_head: bool = False, device: torch.device | None = None) -> dict:
+                        batch_size: int = 0, per_head: bool = False, device: torch.device | None = None,
+                        qa: str | os.PathLike | None = None) -> dict:
     """One table row for the checkpoint (or newest checkpoint of the run directory) ``path``.
 
     splits: split names under the data directory (``data_dir``, default the saved ``data.dir``); memory metrics
     are measured on the first. batch_size: rows (B, bptt) per forward on each rank (0: the training loop's
-    validation batch). Keys: docs/evaluation.md.
+    validation batch). qa: a QA .jsonl file (pkmlm/eval/qa.py) to score too: qa_acc, qa_logprob.
+    Keys: docs/evaluation.md.
     """
     if not splits:
         raise EvaluationError("no split to evaluate: pass --split valid,test")
@@ -132,6 +141,13 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     # Every split is opened (and its vocabulary checked) before any forward, so bad input fails fast.
     corpora = {s: open_split(root / s, expected_vocab_hash=state["vocab_hash"], require_tokens="evaluation")
                for s in splits}
+    qa_items = None
+    if qa is not None:  # read and encoded before any forward, so a bad file fails fast
+        try:
+            qa_items = encode_qa(load_qa(qa), load_codec(root, vocab_hash=state["vocab_hash"]),
+                                 config.model.max_seq_len)
+        except QAError as e:
+            raise EvaluationError(str(e)) from None
     model = load_model(state, path, device)
     world = D.world_size()
     rows_per_batch = batch_size or max(1, config.data.batch_size // (world * config.train.grad_accum))
@@ -171,6 +187,9 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     timed = [(n, sec) for n, sec, tracked in timings if not tracked] or [(n, sec) for n, sec, _ in timings]
     tokens, seconds = sum(n for n, _ in timed), sum(sec for _, sec in timed)
     row["tokens_per_s"] = tokens / seconds if seconds > 0 else math.inf
+    if qa_items is not None:
+        row["qa_file"] = str(qa)
+        row.update(score_qa(model, qa_items, batch_size=rows_per_batch, precision=config.train.precision))
     return row
 
 

@@ -167,6 +167,8 @@ class ProductKeyMemory(nn.Module):
         self.register_buffer("usage_counts", None, persistent=False)
         self.register_buffer("usage_weights", None, persistent=False)
         self.register_buffer("usage_subkeys", None, persistent=False)
+        # Slot read counts for fine-tuning (count_reads / take_read_counts); never saved either.
+        self.register_buffer("read_counts", None, persistent=False)
 
     # ---- forward path ---------------------------------------------------------------------------
 
@@ -291,6 +293,10 @@ class ProductKeyMemory(nn.Module):
         weights = F.softmax(scores, dim=-1) if self.score_softmax else scores  # (N, heads, knn)
         if self.usage_counts is not None:
             self._accumulate_usage(indices, weights, subkeys)
+        if self.read_counts is not None:
+            with torch.no_grad():
+                self.read_counts.index_add_(0, indices.reshape(-1), torch.ones(indices.numel(), dtype=torch.float64,
+                                                                              device=indices.device))
         n, table = indices.shape[0], self.values.weight
         reads = self.heads * self.knn  # explicit: n may be 0 (every token masked)
         indices, weights = indices.reshape(n, reads), weights.reshape(n, reads).to(table.dtype)
@@ -356,6 +362,26 @@ class ProductKeyMemory(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
             raise ValueError(f"{name} must lie in [0, {size}), got values in [{int(ids.min())}, {int(ids.max())}]")
         return ids
+
+    def count_reads(self, enabled: bool = True) -> None:
+        """Start (zeroed) or stop counting the slots forward reads: what sparse fine-tuning picks rows from.
+
+        Separate from `track_usage`, so that validation's histograms and fine-tuning do not disturb each other."""
+        if not enabled:
+            self.read_counts = None
+        elif self.read_counts is None:
+            self.read_counts = torch.zeros(self.n_keys**2, dtype=torch.float64, device=self.keys.device)
+        else:
+            self.read_counts.zero_()
+
+    def take_read_counts(self) -> Tensor:
+        """(n_keys**2,) float64: times each slot was read (tokens and heads summed) since counting started or the
+        last call; the counter restarts at zero. Counting must be on (`count_reads`)."""
+        if self.read_counts is None:
+            raise RuntimeError("read counting is off: call count_reads(True) first")
+        counts = self.read_counts.clone()
+        self.read_counts.zero_()
+        return counts
 
     def track_usage(self, enabled: bool = True) -> None:
         """Start (zeroed histograms) or stop accumulating slot usage in forward."""

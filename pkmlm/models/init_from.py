@@ -66,7 +66,12 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, vocab_has
     if vocab_hash is not None:
         ckpt.check_vocab(state["vocab_hash"], vocab_hash, path)
     _check_block_options(model, state, path)
-    source, target = local_state(model, state["model"]), model.state_dict()  # sharded tables: this rank's columns
+    source = local_state(model, state["model"])  # sharded tables: this rank's columns
+    # A LoRA-wrapped Linear (pkmlm/models/lora.py) keeps its weight under .base_layer: it takes the plain name's.
+    renamed = {n.replace(".base_layer.", "."): n for n in model.state_dict()}
+    source = {renamed[n]: v for n, v in source.items() if n in renamed} | \
+        {n: v for n, v in source.items() if n not in renamed}
+    target = model.state_dict()
     for name in source.keys() & target.keys():
         if source[name].shape != target[name].shape:
             raise InitFromError(

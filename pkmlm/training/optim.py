@@ -210,14 +210,19 @@ def make_optimizers(model: nn.Module, *, lr: float, value_lr: float,
     _check_adam_args(value_lr, betas, eps, lr_name="value_lr")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    sparse_values, dense_values = {}, {}
+    sparse_values, dense_values, value_ids = {}, {}, set()
     for module in model.modules():
         if isinstance(module, ProductKeyMemory):
             target = sparse_values if module.values.sparse else dense_values
             for p in module.value_parameters():
-                target[id(p)] = p
-    value_ids = sparse_values.keys() | dense_values.keys()
+                if p.requires_grad:  # a frozen table (pkmlm/training/finetune.py) gets no optimizer
+                    target[id(p)] = p
+                value_ids.add(id(p))
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]
+    if not rest and not dense_values:
+        # Only value tables train (train.trainable=slots): the AdamW holds the frozen rest, which never gets a
+        # gradient, so it never takes a step or state; the loop keeps one shape.
+        rest = [p for p in model.parameters() if id(p) not in value_ids]
     groups = [
         dict(params=[p for p in rest if p.dim() >= 2], weight_decay=weight_decay),
         dict(params=[p for p in rest if p.dim() < 2], weight_decay=0.0),

@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterable, Mapping
 
 import torch
@@ -79,6 +79,8 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, *, sparse_p
     # Every name of a shared table, so that DDP skips it whichever module it finds it under.
     ignored = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in skipped]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    if not any(p.requires_grad for n, p in model.named_parameters() if n not in ignored):
+        return _NothingToSync(model)  # e.g. train.trainable=slots: only value tables train, DDP has no work
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False)
 
@@ -183,6 +185,20 @@ def _like(value, param: nn.Parameter):
     if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or value.shape != param.shape:
         return value
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+class _NothingToSync(nn.Module):
+    """The model as is, with DDP's ``no_sync()``, for a run whose every gradient is synced outside DDP."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        return nullcontext()
 
 
 @torch.no_grad()

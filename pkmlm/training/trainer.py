@@ -37,6 +37,7 @@ from pkmlm.models.init_from import init_from_checkpoint
 from pkmlm.models.transformer import TransformerLM
 from pkmlm.precision import autocast
 from pkmlm.training import parallel as P
+from pkmlm.training.finetune import FineTuning
 from pkmlm.training.log import RunLogger
 from pkmlm.training.optim import Optimizers, inverse_sqrt_warmup, make_optimizers
 from pkmlm.training.reinit import DeadSlotReinit
@@ -137,6 +138,8 @@ class Trainer:
         self.values_file = None  # memory.values_file: the table and its Adam state in mapped files
         if config.memory.values_file:
             self.values_file = vfile.attach(self.model, config.memory.values_file, writable=True, seed=t.seed)
+        # train.freeze / train.trainable (pkmlm/training/finetune.py): frozen parameters, LoRA adapters.
+        self.finetune = FineTuning(self.model, config)
         self.model = self.model.to(device)
         self.optim: Optimizers = make_optimizers(self.model, lr=t.lr, value_lr=t.value_lr, betas=tuple(t.betas),
                                                  weight_decay=t.weight_decay)
@@ -295,8 +298,10 @@ class Trainer:
 
         Returns (global mean NLL, grad norms per group, the stop signal any rank got: SIGTERM wins over SIGUSR1).
         """
+        self.finetune.begin_step()
         nll = self._forward_backward(ddp_model)
         P.all_reduce_sparse_grads(self.sparse_params)
+        self.finetune.select_rows()  # train.trainable=slots: only the selected value rows keep their gradient
         # One all-reduce carries the loss and the stop flags, so every rank takes the same decisions.
         flags = [float(stop_signal == sig) for sig in (P.REQUEUE_SIGNAL, P.STOP_SIGNAL)]
         shared = D.all_reduce_sum(torch.cat([nll.view(1), torch.tensor(flags, device=self.device,
@@ -457,6 +462,12 @@ class Trainer:
                     self.log.message(report.summary())
                 for note in self.notes:
                     self.log.message(note)
+                if self.config.train.trainable != "all" or self.config.train.freeze:
+                    self.log.message(self.finetune.summary())
+                # train.trainable=slots: the background slot reads, counted once (all ranks call).
+                background = self.finetune.start(self.out_dir, self.micro_rows, self.train_data.vocab_hash)
+                if background is not None:
+                    self.log.message(background)
                 if self.env.is_main:
                     write_text_atomic(self.out_dir / "config.yaml", self.config.to_yaml())
                 ddp_model = P.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,

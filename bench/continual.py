@@ -1,0 +1,162 @@
+"""Continual learning: teach new facts by full fine-tuning, LoRA, memory-only or sparse memory (slots)
+fine-tuning at matched steps, and measure what is learned and what is forgotten (issue 24, item 5; after Lin et
+al. 2025, "Continual Learning via Sparse Memory Finetuning").
+
+    python bench/continual.py --people-a 100 --people-b 50 --pretrain-steps 600 --steps 100 \\
+        --lrs 1e-3,3e-3 --out runs/continual --report docs/continual_small.md
+
+1. Set A (people 0..A-1) mixed with BBC news (half the characters) and set B (people A..A+B-1) are generated
+   (python -m pkmlm.data.facts, every person's QA pairs in the text: the facts to learn are asked the way they
+   were taught) and prepared with one tokenizer; BBC alone is prepared with it too (its test split: BBC
+   perplexity; its train split: the background of the slots TF-IDF).
+2. A memory model (bench/knowledge.py's "memory": 2 layers, width 64, a 64^2-slot memory beside block 1's FFN)
+   is pretrained on A + BBC.
+3. From that checkpoint (train.py --init-from), each method is taught B for --steps steps, at each --lrs
+   (dense lr; value tables at 10x):  full (train.trainable=all), lora (trainable=lora, rank 8),
+   memory (trainable=memory), slots (trainable=slots, top_slots=--top-slots, background=BBC).
+4. Each run: accuracy and answer log-likelihood (nats) on B (learned), the same on A and BBC test perplexity
+   (forgotten), with the pretrained model as the first row. A finished run is not trained again. --plot draws learned against forgotten (accuracy on A), one point per lr.
+
+Every row prints the command that makes it alone. CPU scale only; see docs/quality.md for what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from knowledge import MODELS, base_config, make_facts, qa_scores  # noqa: E402
+
+from pkmlm.config import Config  # noqa: E402
+from pkmlm.data.prepare import MergeSettings, prepare  # noqa: E402
+from pkmlm.eval.evaluation import evaluate_checkpoint, find_checkpoint  # noqa: E402
+from pkmlm.training.trainer import train  # noqa: E402
+
+METHODS = {
+    "full": {"trainable": "all"},
+    "lora": {"trainable": "lora", "lora_rank": 8, "lora_alpha": 16.0},
+    "memory": {"trainable": "memory"},
+    "slots": {"trainable": "slots"},
+}
+
+
+def memory_config(data: Path, out: Path, steps: int, lr: float) -> dict:
+    config = base_config(data, out, steps, lr)
+    config["memory"] = {**config["memory"], **MODELS["memory"]["memory"]}
+    return config
+
+
+def setup(out: Path, people_a: int, people_b: int, pretrain_steps: int, lr: float) -> dict[str, Path]:
+    """Data for A + BBC, B, BBC alone (one tokenizer) and the pretrained model; each made once."""
+    a = make_facts(out / "a", people_a, qa_test_fraction=0.0, mix="bbc_news:0.5", vocab=2000)
+    b = make_facts(out / "b", people_b, first=people_a, qa_test_fraction=0.0, tokenizer=a / "tokenizer")
+    bbc = out / "bbc/data"
+    if not (bbc / "train").is_dir():
+        prepare(bbc, corpus="bbc_news", settings=MergeSettings(tokenizer=str(a / "tokenizer"), valid="0.02",
+                                                               test="0.05"), workers=1, progress="off")
+    pre = out / "pretrained"
+    if not (pre / "checkpoints").is_dir():
+        train(Config.from_dict(memory_config(a, pre, pretrain_steps, lr)))
+    return {"a": a, "b": b, "bbc": bbc, "pretrained": pre, "qa_a": out / "a/src/qa_train.jsonl",
+            "qa_b": out / "b/src/qa_train.jsonl"}
+
+
+def measure(run_dir: Path, paths: dict[str, Path]) -> dict:
+    row = evaluate_checkpoint(run_dir, splits=["test"], data_dir=paths["bbc"])
+    b, a = qa_scores(run_dir, paths["qa_b"]), qa_scores(run_dir, paths["qa_a"])
+    return {"acc_b": b["qa_acc"], "acc_a": a["qa_acc"], "logprob_b": b["qa_logprob"], "logprob_a": a["qa_logprob"],
+            "bbc_ppl": row["test_ppl"]}
+
+
+def finetune(method: str, lr: float, steps: int, top_slots: int, paths: dict[str, Path], out: Path) -> Path:
+    run_dir = out / f"{method}_lr{lr:g}"
+    if not (run_dir / "checkpoints").is_dir():
+        config = memory_config(paths["b"], run_dir, steps, lr)
+        config["train"].update(METHODS[method], warmup_steps=0)
+        if method == "slots":
+            config["train"].update(top_slots=top_slots, background=str(paths["bbc"]), background_tokens=200_000)
+        train(Config.from_dict(config), init_from=find_checkpoint(paths["pretrained"]))
+    return run_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--people-a", type=int, default=100)
+    parser.add_argument("--people-b", type=int, default=50)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps, the same for every method")
+    parser.add_argument("--lrs", default="1e-3,3e-3", help="fine-tuning lrs (dense; value tables at 10x)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--top-slots", type=int, default=256, help="slots: value rows per step and table")
+    parser.add_argument("--out", type=Path, default=Path("runs/continual"))
+    parser.add_argument("--report", type=Path)
+    parser.add_argument("--plot", type=Path, help="learning-forgetting plot (needs matplotlib)")
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    if any(m not in METHODS for m in methods):
+        print(f"error: --methods takes {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    lrs = [float(x) for x in args.lrs.split(",")]
+    common = (f"python bench/continual.py --people-a {args.people_a} --people-b {args.people_b} --pretrain-steps "
+              f"{args.pretrain_steps} --pretrain-lr {args.pretrain_lr} --steps {args.steps} --top-slots "
+              f"{args.top_slots} --out {args.out}")
+    paths = setup(args.out, args.people_a, args.people_b, args.pretrain_steps, args.pretrain_lr)
+    rows = [{"method": "pretrained", "lr": None, **measure(paths["pretrained"], paths), "seconds": None,
+             "command": f"{common}  (the first row of any method's command)"}]
+    for method in methods:
+        for lr in lrs:
+            start = time.perf_counter()
+            run_dir = finetune(method, lr, args.steps, args.top_slots, paths, args.out)
+            rows.append({"method": method, "lr": lr, **measure(run_dir, paths),
+                         "seconds": time.perf_counter() - start,
+                         "command": f"{common} --methods {method} --lrs {lr:g}"})
+    base = rows[0]
+    for r in rows:
+        r["forgot_a"] = base["acc_a"] - r["acc_a"]
+    lines = ["| method | lr | acc B (learned) | logprob B | acc A | forgot A | logprob A | BBC test ppl |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lr = "" if r["lr"] is None else f"{r['lr']:g}"
+        lines.append(f"| {r['method']} | {lr} | {r['acc_b']:.1%} | {r['logprob_b']:.2f} | {r['acc_a']:.1%} | "
+                     f"{r['forgot_a']:+.1%} | {r['logprob_a']:.2f} | {r['bbc_ppl']:.1f} |")
+    text = "\n".join(lines) + "\n\nCommands (one per row):\n\n" + "\n".join(f"    {r['command']}" for r in rows) + "\n"
+    print(text)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if args.report:
+        args.report.write_text(text)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: pip install matplotlib", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        points = [r for r in rows if r["method"] == method]
+        ax.plot([r["forgot_a"] for r in points], [r["acc_b"] for r in points], "o-", label=method)
+        for r in points:
+            ax.annotate(f"{r['lr']:g}", (r["forgot_a"], r["acc_b"]), fontsize=7)
+    ax.set_xlabel("forgotten: drop in accuracy on set A")
+    ax.set_ylabel("learned: accuracy on set B")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
