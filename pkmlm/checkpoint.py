@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pkmlm.cli import UserError
 from pkmlm.fileio import atomic_open, fsync_dir
 
 FORMAT = 1
@@ -60,7 +61,7 @@ STEERING_CHANGES = frozenset({
 })
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be read, or does not fit the run that tries to resume from it."""
 
 
@@ -176,6 +177,10 @@ def abandon_newer(out_dir: str | os.PathLike, step: int, best_step: int | None) 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint onto the CPU without unpickling arbitrary objects; check its format and keys."""
     path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file: give a checkpoint file, e.g. "
+                              + (f"its newest, {latest}" if latest else f"{checkpoint_dir(path)}/step_XXXXXXX.pt"))
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from pkmlm.cli import UserError
 from pkmlm.memory import FLAT_MAX_SLOTS, KEY_INITS, VALUE_INITS
 
 PLACEMENTS = ("replace", "after", "parallel")
@@ -27,7 +28,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An unknown key, a wrong type or an invalid value in a config file, override or dict."""
 
 

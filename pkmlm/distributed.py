@@ -18,12 +18,14 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from pkmlm.cli import UserError
+
 DEFAULT_MASTER_PORT = 29500
 # A collective waiting longer than this raises on every rank instead of hanging (train.dist_timeout_s).
 DEFAULT_TIMEOUT_S = 1800.0
 
 
-class DistributedError(Exception):
+class DistributedError(UserError):
     """The launcher environment is inconsistent or incomplete."""
 
 

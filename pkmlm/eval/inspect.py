@@ -27,18 +27,18 @@ from pathlib import Path
 
 import torch
 
-from pkmlm.checkpoint import CheckpointError
-from pkmlm.config import ConfigError
-from pkmlm.data import DataError
+from pkmlm import cli
+from pkmlm.cli import UserError
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import eval_batches
-from pkmlm.distributed import DistributedError, detect_env, resolve_device
-from pkmlm.eval.evaluation import EvaluationError, TrainedModel, load_trained
+from pkmlm.distributed import detect_env, resolve_device
+from pkmlm.eval.evaluation import TrainedModel, load_trained
 from pkmlm.fileio import write_text_atomic
 from pkmlm.memory import ProductKeyMemory
+from pkmlm.memory.kernels import enabled as kernels_enabled
 
 
-class InspectError(ValueError):
+class InspectError(UserError, ValueError):
     """Bad inspector input: an unknown layer, a bad count."""
 
 
@@ -251,22 +251,25 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="prepared data directory (default: the data.dir saved in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
-    try:
-        run = load_trained(args.path, data_dir=args.data_dir, device=resolve_device(args.device, detect_env()))
-        find_memory(run.model, args.layer)  # a wrong name fails before reading any data
-        top = args.top if args.top is not None else 8 if args.text is not None else 20
-        if args.text is not None:
-            result = text_reads(run, args.layer, args.text, top=top)
-            text, payload = format_text_reads(result), {"layer": args.layer, "checkpoint": str(run.checkpoint),
-                                                        "step": run.step, "tokens": result}
-        else:
-            report = slot_report(run, args.layer, split=args.split, top=top, contexts=args.contexts,
-                                 width=args.width, by=args.by, max_tokens=args.max_tokens,
-                                 batch_size=args.batch_size)
-            text, payload = format_report(report), asdict(report)
-    except (InspectError, EvaluationError, CheckpointError, ConfigError, DataError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    text_arg = cli.check_text(args.text, "--text") if args.text is not None else None
+    if args.json is not None:
+        cli.check_output_file(args.json, "--json")
+    run = load_trained(args.path, data_dir=args.data_dir, device=resolve_device(args.device, detect_env()))
+    find_memory(run.model, args.layer)  # a wrong name fails before reading any data
+    top = args.top if args.top is not None else 8 if text_arg is not None else 20
+    if text_arg is not None:
+        result = text_reads(run, args.layer, text_arg, top=top)
+        text, payload = format_text_reads(result), {"layer": args.layer, "checkpoint": str(run.checkpoint),
+                                                    "step": run.step, "tokens": result}
+    else:
+        report = slot_report(run, args.layer, split=args.split, top=top, contexts=args.contexts,
+                             width=args.width, by=args.by, max_tokens=args.max_tokens, batch_size=args.batch_size)
+        text, payload = format_report(report), asdict(report)
     print(text)
     if args.json:
         write_text_atomic(args.json, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")

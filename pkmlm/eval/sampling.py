@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pkmlm.cli import UserError
 from pkmlm.models.transformer import KVCache
 from pkmlm.precision import autocast
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """An invalid sampling option (temperature, top-k, top-p, lengths)."""
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pkmlm.cli import UserError
+
 ENV_VAR = "PKMLM_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "csrc" / "pkm_cpu.cpp"
 # -march=native: the kernels are built on the machine that runs them; the CPU's flags go into the
@@ -51,7 +53,7 @@ BUILD_LOCK_TIMEOUT = 600.0  # seconds to wait for another process's build (a col
 _build: dict[str, object] = {}  # "ok": bool, once a build was attempted in this process
 
 
-class KernelsError(ValueError):
+class KernelsError(UserError, ValueError):
     """`PKMLM_CPU_KERNELS` holds something other than "0" or "1"."""
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pkmlm.cli import UserError, file_in_the_way
 from pkmlm.fileio import fsync_dir, write_text_atomic
 
 _MAGIC = b"PKMUNDO1"
@@ -42,7 +43,7 @@ _CHUNK_ROWS = 1 << 16  # rows initialised per write when a table is created
 _FILES = WeakIdKeyDictionary()  # table parameter -> its ValuesFile
 
 
-class ValuesFileError(Exception):
+class ValuesFileError(UserError):
     """The values file cannot be created, opened or matched with a checkpoint."""
 
 
@@ -61,6 +62,12 @@ class ValuesFile:
 
     def __init__(self, path: str | os.PathLike, rows: int, dim: int, *, writable: bool, seed: int = 0):
         self.path, self.rows, self.dim, self.writable = Path(path), rows, dim, writable
+        blocker = self.path if self.path.is_dir() else file_in_the_way(self.path.parent)
+        if blocker is not None:
+            kind = "a directory" if blocker == self.path else f"under {blocker}, a file"
+            raise ValuesFileError(f"memory.values_file={self.path} is {kind}: name a file (created with its "
+                                  "companions .adam, .step, .json and .undo beside it), e.g. "
+                                  f"{self.path / 'values.bin' if blocker == self.path else 'values/values.bin'}")
         self.meta = self.path.with_name(self.path.name + ".json")
         self.undo = self.path.with_name(self.path.name + ".undo")
         if writable and not self.meta.exists():

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from torch import nn
 
+from pkmlm.cli import UserError
 from pkmlm import checkpoint as ckpt
 from pkmlm.memory.value_table import local_state
 
 
-class InitFromError(ValueError):
+class InitFromError(UserError, ValueError):
     """The source checkpoint does not fit the model (a shape differs, no weight in common, another vocabulary)."""
 
 

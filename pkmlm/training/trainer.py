@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pkmlm.cli import UserError, check_output_dir
 from pkmlm import checkpoint as ckpt, distributed as D
 from pkmlm.config import Config
 from pkmlm.data import DataError
@@ -43,7 +44,7 @@ from pkmlm.training.optim import Optimizers, inverse_sqrt_warmup, make_optimizer
 from pkmlm.training.reinit import DeadSlotReinit
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """The run cannot go on (too many non-finite losses, a non-finite weight, an occupied out_dir)."""
 
 
@@ -158,9 +159,7 @@ class Trainer:
 
     def _resume(self, resume) -> Path | None:
         """Load the checkpoint ``resume`` names (see ``train``); returns its path, None for a fresh run."""
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise TrainingError(f"train.out_dir={self.out_dir} is a file, not a directory: choose another "
-                                "train.out_dir")
+        check_output_dir(self.out_dir, "train.out_dir")  # a file there, or in its path: one clear line
         if resume is None:
             if ckpt.latest_checkpoint(self.out_dir) is not None or ckpt.best_path(self.out_dir).exists():
                 raise TrainingError(f"{ckpt.checkpoint_dir(self.out_dir)} already holds checkpoints: pass "
