@@ -32,11 +32,15 @@ BEST = "best.pt"
 # was killed leaves one behind. Nothing else in the directory is ever removed as a temporary.
 _TEMPORARY = re.compile(r"^\.(step_\d{7,}\.pt|best\.pt)\.tmp\.\d+$")
 
-# Config fields that may differ between a checkpoint and the run that resumes it. The first set changes how long
-# the run goes and where and how often it reports, not the trajectory of the weights.
+# Config fields that may differ between a checkpoint and the run that resumes it (README's list is tested to be
+# these two sets). The first set changes how long the run goes, where it runs and where and how often it reports,
+# not the computation.
 RESUMABLE_CHANGES = frozenset({
     "data.dir",
     "data.verify_checksums",
+    # Where a run executes is not part of its identity (`make demo` trains with cpu, the config says auto); the
+    # same arithmetic on another device differs only in float rounding.
+    "train.device",
     "train.out_dir",
     "train.max_steps",
     "train.log_every",

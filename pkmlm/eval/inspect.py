@@ -221,16 +221,23 @@ def format_report(report: SlotReport) -> str:
     for r in report.top:
         lines.append(f"{r.slot:>8} {str(r.subkeys):>11} {r.reads:>9,} {r.reads / report.tokens:>9.2%} "
                      f"{r.weight:>9.2f} {r.weight / r.reads:>7.3f}")
-        lines += [f"{'':>10}{c.weight:.3f}  {c.text}" for c in r.contexts]
+        lines += [f"{'':>10}{c.weight:.3f}  {table_text(c.text)}" for c in r.contexts]
     return "\n".join(lines)
 
 
+def table_text(text: str) -> str:
+    """``text`` on one line of a table: line breaks, tabs and other control characters escaped (\\n, \\t, ...),
+    backslashes doubled so the escapes stay unambiguous. JSON keeps the text as it is."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text.replace("\\", "\\\\"))
+
+
 def format_text_reads(rows: list[dict]) -> str:
-    width = max([len(r["piece"]) for r in rows] + [5])
+    width = max([len(table_text(r["piece"])) for r in rows] + [5])
     lines = [f"{'pos':>4}  {'token':<{width}}  slots read (slot:weight, heads merged, heaviest first)"]
     for r in rows:
         slots = "  ".join(f"{s}:{w:.3f}" for s, w in r["slots"])
-        lines.append(f"{r['position']:>4}  {r['piece']:<{width}}  {slots}")
+        lines.append(f"{r['position']:>4}  {table_text(r['piece']):<{width}}  {slots}")
     return "\n".join(lines)
 
 

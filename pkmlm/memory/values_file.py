@@ -62,12 +62,13 @@ class ValuesFile:
 
     def __init__(self, path: str | os.PathLike, rows: int, dim: int, *, writable: bool, seed: int = 0):
         self.path, self.rows, self.dim, self.writable = Path(path), rows, dim, writable
-        blocker = self.path if self.path.is_dir() else file_in_the_way(self.path.parent)
+        if self.path.is_dir():
+            raise ValuesFileError(f"memory.values_file={self.path} is a directory: name a file in it, e.g. "
+                                  f"{self.path / 'values.bin'} (its .adam, .step, .json and .undo files go beside it)")
+        blocker = file_in_the_way(self.path.parent)
         if blocker is not None:
-            kind = "a directory" if blocker == self.path else f"under {blocker}, a file"
-            raise ValuesFileError(f"memory.values_file={self.path} is {kind}: name a file (created with its "
-                                  "companions .adam, .step, .json and .undo beside it), e.g. "
-                                  f"{self.path / 'values.bin' if blocker == self.path else 'values/values.bin'}")
+            raise ValuesFileError(f"memory.values_file={self.path}: {blocker} is a file, not a directory: point "
+                                  "memory.values_file at a path inside a directory")
         self.meta = self.path.with_name(self.path.name + ".json")
         self.undo = self.path.with_name(self.path.name + ".undo")
         if writable and not self.meta.exists():
