@@ -686,6 +686,9 @@ def _run(args) -> int:
     if args.executor == "slurm":
         if not args.partition:
             raise DataError("--executor slurm needs --partition NAME")
+        for flag in ("--cpus-per-task", "--mem-per-cpu-gb", "--merge-cpus"):
+            if getattr(args, flag[2:].replace("-", "_")) < 1:
+                raise DataError(f"{flag} must be positive, got {getattr(args, flag[2:].replace('-', '_'))}")
         jobs = submit_slurm(args.out, SlurmSettings(
             args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb, args.merge_cpus,
             args.merge_time, dict(args.sbatch)), **common)
