@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from pkmlm import cli
-from pkmlm.distributed import destroy_process_group, detect_env, init_process_group, resolve_device
+from pkmlm.distributed import (collective_errors, destroy_process_group, detect_env, init_process_group,
+                               resolve_device)
 from pkmlm.eval.evaluation import EvaluationError, evaluate_checkpoint
 from pkmlm.fileio import write_text_atomic
 from pkmlm.memory.kernels import enabled as kernels_enabled, retain_freed_memory
@@ -55,8 +56,9 @@ def _run(args) -> int:
     device = resolve_device(args.device, env)
     init_process_group(env, device)
     try:
-        rows = [evaluate_checkpoint(p, splits=splits, data_dir=args.data_dir, batch_size=args.batch_size,
-                                    per_head=args.per_head, device=device) for p in args.paths]
+        with collective_errors():
+            rows = [evaluate_checkpoint(p, splits=splits, data_dir=args.data_dir, batch_size=args.batch_size,
+                                        per_head=args.per_head, device=device) for p in args.paths]
     finally:
         destroy_process_group()
     if not env.is_main:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -115,6 +117,39 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = DE
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+
+
+# How gloo and NCCL report a peer that died or a collective that timed out (a RuntimeError, or torch's DistError).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "remote process exited", "NCCL communicator was aborted", "ncclRemoteError")
+_TIMED_OUT = ("Timed out", "timed out", "Timeout", "timeout", "Watchdog caught collective operation")
+
+
+@contextmanager
+def collective_errors(timeout_s: float = DEFAULT_TIMEOUT_S, setting: str = "the process-group timeout"
+                      ) -> Iterator[None]:
+    """Turn a collective that failed because a peer died or stayed away past ``timeout_s`` into one
+    DistributedError line naming this rank and the likely cause, instead of torch's multi-line traceback.
+
+    Anything else passes through unchanged. A no-op without a process group.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist.is_initialized():
+            raise
+        text = str(e)
+        lost, late = any(m in text for m in _PEER_LOST), any(m in text for m in _TIMED_OUT)
+        if not (lost or late or isinstance(e, getattr(dist, "DistError", ()))):
+            raise
+        if lost:
+            cause = ("a peer process died or closed its connection (killed, out of memory, or crashed: its own "
+                     "output says which and why)")
+        else:
+            cause = (f"a collective waited longer than {timeout_s:g} s ({setting}) for a peer, which is stuck or "
+                     "dead (see the other ranks' output)")
+        raise DistributedError(f"rank {rank()} of {world_size()} stops: {cause}; the checkpoints written so far are "
+                               "intact, --resume continues from the newest") from None
 
 
 def destroy_process_group() -> None:

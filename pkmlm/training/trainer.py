@@ -106,7 +106,9 @@ def train(config: Config, resume: str | os.PathLike | None = None,
     config.validate_runtime(world_size=env.world_size, device_type=device.type)
     D.init_process_group(env, device, timeout_s=config.train.dist_timeout_s)
     try:
-        return Trainer(config, env, device).run(resume, init_from)
+        # A dead or stuck peer: one line naming this rank and the cause, not torch's traceback.
+        with D.collective_errors(config.train.dist_timeout_s, "train.dist_timeout_s"):
+            return Trainer(config, env, device).run(resume, init_from)
     finally:
         D.destroy_process_group()
 
@@ -245,8 +247,19 @@ class Trainer:
         optim_state = self._gather_optimizer_state()
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
-        if not self.env.is_main:
-            return
+        error = None
+        if self.env.is_main:
+            try:
+                self._write(model_state, optim_state, rng, reinit, step_file=step_file, best=best)
+            except ckpt.CheckpointError as e:  # a full disk: every rank stops, none waits for rank 0 forever
+                error = e
+        if D.all_reduce_max(torch.tensor([float(error is not None)], device=self.device)).item() > 0:
+            raise error or ckpt.CheckpointError(
+                f"rank {self.env.rank}: stopping because rank 0 could not write the checkpoint of step {self.step} "
+                "(rank 0's error says why)")
+
+    def _write(self, model_state, optim_state, rng, reinit, *, step_file: bool, best: bool) -> None:
+        """Rank 0's part of ``_save``: the checkpoint files."""
         state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": model_state,
                  "optimizers": optim_state, "step": self.step, "rng": {"ranks": rng},
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,
