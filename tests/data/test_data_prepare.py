@@ -352,6 +352,7 @@ def test_prepare_cli_errors_and_bbc_subset(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("out", ["file.txt", "file.txt/sub"])
+@pytest.mark.slow
 def test_prepare_out_that_cannot_be_a_directory_is_one_line_exit_2(tmp_path, out):
     import subprocess
     import sys

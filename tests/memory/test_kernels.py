@@ -476,6 +476,7 @@ def test_failed_build_is_cached_and_memory_uses_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.slow
 def test_bad_env_var_is_one_line_exit_2(script, tmp_path):
     root = Path(__file__).resolve().parents[2]
     args = ["--config", str(tmp_path / "none.yaml")] if script == "train.py" else [str(tmp_path)]
