@@ -149,8 +149,9 @@ class _build_lock:
 
 
 def _machine_digest() -> str:
-    # torch rebuilds when SOURCE changes, not when a header it includes does: those go into the name.
-    headers = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h")))
+    # torch rebuilds when SOURCE changes, not when a header it includes does: those go into the name. SOURCE goes in
+    # too, so that checkouts with different sources (branches, worktrees) never rebuild over each other's build.
+    headers = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h"))) + SOURCE.read_bytes()
     cpu = platform.machine() + hashlib.sha1(headers).hexdigest()
     try:
         with open("/proc/cpuinfo") as f:

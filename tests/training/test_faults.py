@@ -157,27 +157,38 @@ FULL_DISK_ON_RANK_0 = textwrap.dedent("""
 
 def _two_processes(tmp_path, script: str, config: dict, *, kill_rank_1_after: float | None = None):
     """Launch ``script`` (train.py's arguments: --config) as ranks 0 and 1, as srun would; returns
-    [(returncode, stderr)] per rank. Rank 1 is killed once rank 0 has ended when ``kill_rank_1_after`` is set."""
+    [(returncode, stderr)] per rank. Rank 1 is killed once rank 0 has ended when ``kill_rank_1_after`` is set.
+
+    Output goes to files, not pipes: a pipe nobody reads would stall its writer, and with it the collectives.
+    The compiled kernels are off: they are not what these tests are about, and a build would only cost time.
+    """
     (tmp_path / "worker.py").write_text(script)
     cfg = _config_file(tmp_path / "c.yaml", config)
     port = str(_free_port())
+    logs = [open(tmp_path / f"rank{r}.err", "w+") for r in range(2)]
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), "--config", cfg], cwd=ROOT,
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       MASTER_PORT=port, PKMLM_CPU_KERNELS="0"),
+                              stdout=subprocess.DEVNULL, stderr=logs[r])
              for r in range(2)]
     try:
-        first = procs[0].communicate(timeout=LIMIT_S)
+        procs[0].wait(timeout=LIMIT_S)
         if kill_rank_1_after is not None:
             try:
                 procs[1].wait(timeout=kill_rank_1_after)
             except subprocess.TimeoutExpired:
                 procs[1].kill()
-        second = procs[1].communicate(timeout=LIMIT_S)
+        procs[1].wait(timeout=LIMIT_S)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [(procs[0].returncode, first[1]), (procs[1].returncode, second[1])]
+    out = []
+    for proc, log in zip(procs, logs):
+        log.seek(0)
+        out.append((proc.returncode, log.read()))
+        log.close()
+    return out
 
 
 @pytest.mark.slow
