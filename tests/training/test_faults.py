@@ -132,7 +132,8 @@ def test_full_disk_during_training_is_one_line_exit_2(data_dir, tmp_path, monkey
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     real, full = _full_disk("zip_writer")
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (full if obj["step"] == 4 else real)(obj, f, *a, **k))
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (
+        full if isinstance(obj, dict) and obj.get("step") == 4 else real)(obj, f, *a, **k))
     cfg = _config_file(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run"))
     assert cli.main(["--config", cfg]) == 2
     err = capsys.readouterr().err
@@ -146,7 +147,7 @@ FULL_DISK_ON_RANK_0 = textwrap.dedent("""
     import errno, os, runpy, sys, torch
     real = torch.save
     def save(obj, f, *args, **kwargs):  # the disk fills up before the checkpoint of step 4
-        if obj["step"] == 4:
+        if isinstance(obj, dict) and obj.get("step") == 4:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(obj, f, *args, **kwargs)
     torch.save = save
@@ -273,7 +274,7 @@ KILLED = textwrap.dedent("""
     elif point == "mid-checkpoint":  # part of step 4's checkpoint written to its temporary file
         real = torch.save
         def save(obj, f, *args, **kwargs):
-            if obj["step"] == 4:
+            if isinstance(obj, dict) and obj.get("step") == 4:
                 f.write(b"PK\\x03\\x04 part of a checkpoint")
                 f.flush()
                 die()
