@@ -318,7 +318,9 @@ def test_sigkill_at_any_moment_then_resume_continues_exactly(point, values_file,
     config = tiny(data_dir, tmp_path / "run", values_file and tmp_path / "run.values")
     cfg = _config_file(tmp_path / "c.yaml", config)
     proc = subprocess.run([sys.executable, str(tmp_path / "worker.py"), "--config", cfg], cwd=ROOT,
-                          env=_env(KILL_AT=point), capture_output=True, text=True, timeout=LIMIT_S)
+                          # as many threads as this process: reductions (and so the last bits) depend on it
+                          env={**_env(KILL_AT=point), "OMP_NUM_THREADS": str(torch.get_num_threads())},
+                          capture_output=True, text=True, timeout=LIMIT_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     newest = list_checkpoints(tmp_path / "run")[-1]
     expected = {"mid-step": 4, "mid-checkpoint": 2, "mid-journal": 2, "mid-table": 2}[point]
