@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from pkmlm.cli import UserError
 from pkmlm import checkpoint as ckpt
+from pkmlm.cli import UserError
 from pkmlm.memory.value_table import local_state
 
 

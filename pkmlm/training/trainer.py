@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pkmlm.cli import UserError, check_output_dir
 from pkmlm import checkpoint as ckpt, distributed as D
+from pkmlm.cli import UserError, check_output_dir
 from pkmlm.config import Config
 from pkmlm.data import DataError
 from pkmlm.data.shards import open_split

@@ -283,6 +283,7 @@ def test_progress_lines_when_not_a_tty(tmp_path, articles, capsys):
     assert "tasks=8/8" in err
 
 
+@pytest.mark.slow
 def test_slurm_array_and_merge_jobs(tmp_path, articles, monkeypatch):
     """The Slurm path without Slurm: the scripts datatrove would submit, then each array task run the
     way a job runs it (launch_pickled_pipeline with Slurm's environment); equal to a local run."""
