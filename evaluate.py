@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", type=Path, help="also write the rows as CSV to this file")
     parser.add_argument("--per-head", action="store_true", help="add memory metrics for every head")
     parser.add_argument("--batch-size", type=int, default=0,
-                        help="sequences per forward on each process (default: the training loop's)")
+                        help="sequences per forward on each process (0, the default: the training loop's)")
     parser.add_argument("--data-dir", help="prepared data directory (default: the data.dir saved in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)

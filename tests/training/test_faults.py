@@ -306,14 +306,29 @@ def _digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def never_killed(data_dir, tmp_path_factory):
+    """The reference runs, one with the table in RAM and one in a values file: {values_file: (result, dir)}."""
+    runs = {}
+
+    def get(values_file: bool):
+        if values_file not in runs:
+            root = tmp_path_factory.mktemp("whole")
+            result = train(Config.from_dict(tiny(data_dir, root / "run", values_file and root / "whole.values")))
+            runs[values_file] = result, root
+        return runs[values_file]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point, values_file", [
     ("mid-step", False), ("mid-checkpoint", False),
     ("mid-step", True), ("mid-checkpoint", True), ("mid-journal", True), ("mid-table", True)])
-def test_sigkill_at_any_moment_then_resume_continues_exactly(point, values_file, data_dir, tmp_path):
+def test_sigkill_at_any_moment_then_resume_continues_exactly(point, values_file, data_dir, tmp_path, never_killed):
     """A run killed (SIGKILL: no handler runs) mid-step, mid-checkpoint or mid values-file write: the newest
     checkpoint loads and `--resume` ends with the same losses and weights, bit for bit, as a run never killed."""
-    whole = train(Config.from_dict(tiny(data_dir, tmp_path / "whole", values_file and tmp_path / "whole.values")))
+    whole, whole_dir = never_killed(values_file)
     (tmp_path / "worker.py").write_text(KILLED)
     config = tiny(data_dir, tmp_path / "run", values_file and tmp_path / "run.values")
     cfg = _config_file(tmp_path / "c.yaml", config)
@@ -332,5 +347,5 @@ def test_sigkill_at_any_moment_then_resume_continues_exactly(point, values_file,
         assert torch.equal(a, b), name
     if values_file:
         for suffix in ("", ".adam", ".step"):
-            assert _digest(tmp_path / f"run.values{suffix}") == _digest(tmp_path / f"whole.values{suffix}"), suffix
+            assert _digest(tmp_path / f"run.values{suffix}") == _digest(whole_dir / f"whole.values{suffix}"), suffix
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if ".tmp." in p.name]
