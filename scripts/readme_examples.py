@@ -5,7 +5,7 @@
 Runs `scripts/demo.sh` (what `make demo` runs: prepare data/bbc_news once, train configs/tiny_pkm.yaml, evaluate),
 then each example command of the README on the demo's model, and rewrites every README block between
 `<!-- example NAME -->` and `<!-- /example -->` with the command and what it printed. --skip-demo reuses the model
-already in runs/tiny_pkm. Speeds depend on the machine and its load: the block that quotes them says where they
+already in runs/tiny_pkm (its newest checkpoint; the first block then shows evaluate.py's table). Speeds depend on the machine and its load: the block that quotes them says where they
 were measured. tests/test_readme_examples.py checks that every block has a generator here and the reverse.
 Run from the repository root with the project's environment (`.venv/bin/python scripts/readme_examples.py`).
 """
@@ -43,17 +43,17 @@ def demo(skip: bool) -> dict[str, str]:
     """Run the demo (or not); its final report, and the perplexities of evaluate.py's table."""
     if skip:
         out = run(["python", "evaluate.py", RUN, "--split", "valid,test"]).stdout
-        report = []
+        report = ["$ python evaluate.py runs/tiny_pkm --split valid,test", *out.strip().splitlines()]
     else:
         python_dir = str(Path(sys.executable).parent.parent)  # demo.sh runs $VENV/bin/python
         out = run(["bash", "scripts/demo.sh"], env={"VENV": python_dir}).stdout
         lines = out.splitlines()
         start = max(i for i, line in enumerate(lines) if line.startswith("step ") and "valid loss" in line)
-        report = lines[start:]
+        report = ["$ make demo", "...", *lines[start:]]
     table = [line for line in out.splitlines() if line.startswith("|")]
     columns = [c.strip() for c in table[0].strip("|").split("|")]
     row = dict(zip(columns, (c.strip() for c in table[2].strip("|").split("|"))))
-    return {"report": report or table, "step": row["step"], "valid_ppl": row["valid_ppl"], "test_ppl": row["test_ppl"]}
+    return {"report": report, "step": row["step"], "valid_ppl": row["valid_ppl"], "test_ppl": row["test_ppl"]}
 
 
 def generate_example(facts: dict) -> tuple[str, str]:
@@ -117,7 +117,7 @@ def main() -> int:
     args = parser.parse_args()
     facts = demo(args.skip_demo)
     intro, sample = generate_example(facts)
-    blocks = {"demo-report": fence(["$ make demo", "...", *facts["report"]]), "generate-intro": intro,
+    blocks = {"demo-report": fence(facts["report"]), "generate-intro": intro,
               "generate": sample, "generate-speed": speed_prose(), "inspect-split": inspect_split(),
               "inspect-text": inspect_text()}
     assert set(blocks) == set(GENERATORS)
