@@ -124,6 +124,7 @@ def test_state_bytes_counts_each_storage_once():
     assert ckpt.state_bytes({"a": w, "b": [w, w[1]], "c": (torch.zeros(3, dtype=torch.int64), 1, "x")}) == 424
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_is_one_line_exit_2(data_dir, tmp_path, monkeypatch, capsys):
     """train.py as a user runs it: the step-2 checkpoint is written, step 4's finds the disk full."""
     import importlib.util
