@@ -18,13 +18,12 @@ import math
 import sys
 from pathlib import Path
 
-from pkmlm.checkpoint import CheckpointError
-from pkmlm.config import ConfigError
-from pkmlm.data import DataError
-from pkmlm.distributed import DistributedError, destroy_process_group, detect_env, init_process_group, resolve_device
+from pkmlm import cli
+from pkmlm.distributed import (collective_errors, destroy_process_group, detect_env, init_process_group,
+                               resolve_device)
 from pkmlm.eval.evaluation import EvaluationError, evaluate_checkpoint
 from pkmlm.fileio import write_text_atomic
-from pkmlm.memory.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.kernels import enabled as kernels_enabled, retain_freed_memory
 
 # Markdown columns per memory (the JSON and CSV have every metric).
 MEMORY_COLUMNS = ("usage", "kl_counts", "kl_weights", "gini_weights", "slots_50", "slots_90", "slots_99")
@@ -39,34 +38,33 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", type=Path, help="also write the rows as CSV to this file")
     parser.add_argument("--per-head", action="store_true", help="add memory metrics for every head")
     parser.add_argument("--batch-size", type=int, default=0,
-                        help="sequences per forward on each process (default: the training loop's)")
+                        help="sequences per forward on each process (0, the default: the training loop's)")
     parser.add_argument("--data-dir", help="prepared data directory (default: the data.dir saved in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--qa", type=Path, metavar="FILE.jsonl",
                         help="also score these questions (python -m pkmlm.data.facts writes qa_test.jsonl): "
                              "exact-match accuracy of the greedy answer (qa_acc) and its log-likelihood (qa_logprob)")
     args = parser.parse_args(argv)
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    return cli.run(lambda: _run(args))
 
+
+def _run(args) -> int:
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
     env = detect_env()
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    if not splits:
+        raise EvaluationError("--split is empty: give split names, e.g. --split valid,test")
+    for flag, out in (("--json", args.json), ("--csv", args.csv)):
+        if out is not None:  # found now, not after every model was evaluated
+            cli.check_output_file(out, flag)
+    device = resolve_device(args.device, env)
+    init_process_group(env, device)
     try:
-        kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
-        if not splits:
-            raise EvaluationError("--split is empty: give split names, e.g. --split valid,test")
-        for flag, out in (("--json", args.json), ("--csv", args.csv)):
-            if out is not None and out.is_dir():  # found now, not after every model was evaluated
-                raise EvaluationError(f"{flag} {out} is a directory: give a file name, e.g. {out / 'table'}"
-                                      f".{flag[2:]}")
-        device = resolve_device(args.device, env)
-        init_process_group(env, device)
-        try:
+        with collective_errors():
             rows = [evaluate_checkpoint(p, splits=splits, data_dir=args.data_dir, batch_size=args.batch_size,
                                         per_head=args.per_head, device=device, qa=args.qa) for p in args.paths]
-        finally:
-            destroy_process_group()
-    except (EvaluationError, CheckpointError, ConfigError, DataError, DistributedError, KernelsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    finally:
+        destroy_process_group()
     if not env.is_main:
         return 0
     print(markdown_table(rows, splits))

@@ -20,14 +20,12 @@ import time
 
 import torch
 
-from pkmlm.checkpoint import CheckpointError
-from pkmlm.config import ConfigError
-from pkmlm.data import DataError
-from pkmlm.distributed import DistributedError, detect_env, resolve_device
-from pkmlm.eval.evaluation import EvaluationError, load_trained
+from pkmlm import cli
+from pkmlm.distributed import detect_env, resolve_device
+from pkmlm.eval.evaluation import load_trained
 from pkmlm.eval.sampling import SamplingError, check_options, generate
 from pkmlm.eval.threads import ThreadTuner
-from pkmlm.memory.kernels import available as load_kernels, retain_freed_memory
+from pkmlm.memory.kernels import available as load_kernels, enabled as kernels_enabled, retain_freed_memory
 
 
 def main(argv=None) -> int:
@@ -51,33 +49,39 @@ def main(argv=None) -> int:
                                            "(default: the data.dir saved in the checkpoint)")
     args = parser.parse_args(argv)
 
-    try:
-        check_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p)
-        if args.num_samples < 1:
-            raise SamplingError(f"--num-samples must be >= 1, got {args.num_samples}")
-        if args.threads < 0:
-            raise SamplingError(f"--threads must be >= 0 (0: measure the fastest), got {args.threads}")
-        if args.prompt is None and sys.stdin.isatty():
-            raise SamplingError("no prompt: pass --prompt TEXT (\"\" for none) or pipe the prompt into stdin")
-        prompt_text = args.prompt if args.prompt is not None else sys.stdin.read()
-        device = resolve_device(args.device, detect_env())
-        run = load_trained(args.path, data_dir=args.data_dir, device=device)
-        prompt = [run.codec.eos_id] + run.codec.encode(prompt_text)
-        seeds = [args.seed + i for i in range(args.num_samples)]
-        load_kernels()  # the compiled CPU kernels load (or build) before the clock starts
-        tuner = ThreadTuner(args.threads)
-        start = time.perf_counter()
-        samples = generate(run.model, prompt, max_new_tokens=args.max_new_tokens, window=run.config.data.bptt,
-                           seeds=seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           use_cache=not args.no_cache, stop_id=run.codec.eos_id, precision=args.precision,
-                           threads=tuner)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    except (SamplingError, EvaluationError, CheckpointError, ConfigError, DataError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    check_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p)
+    if args.num_samples < 1:
+        raise SamplingError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.threads < 0:
+        raise SamplingError(f"--threads must be >= 0 (0: measure the fastest), got {args.threads}")
+    if args.prompt is not None:
+        prompt_text = cli.check_text(args.prompt, "--prompt")
+    elif sys.stdin.isatty():
+        raise SamplingError("no prompt: pass --prompt TEXT (\"\" for none) or pipe the prompt into stdin")
+    elif hasattr(sys.stdin, "buffer"):  # bytes, so that invalid UTF-8 is our one-line error, not the tokenizer's
+        prompt_text = cli.utf8_text(sys.stdin.buffer.read(), "the prompt on stdin")
+    else:  # a text stream (a test's StringIO)
+        prompt_text = cli.check_text(sys.stdin.read(), "the prompt on stdin")
+    device = resolve_device(args.device, detect_env())
+    run = load_trained(args.path, data_dir=args.data_dir, device=device)
+    prompt = [run.codec.eos_id] + run.codec.encode(prompt_text)
+    seeds = [args.seed + i for i in range(args.num_samples)]
+    load_kernels()  # the compiled CPU kernels load (or build) before the clock starts
+    tuner = ThreadTuner(args.threads)
+    start = time.perf_counter()
+    samples = generate(run.model, prompt, max_new_tokens=args.max_new_tokens, window=run.config.data.bptt,
+                       seeds=seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       use_cache=not args.no_cache, stop_id=run.codec.eos_id, precision=args.precision,
+                       threads=tuner)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
     for seed, new in zip(seeds, samples):
         if len(samples) > 1:
             print(f"==== sample {seed - args.seed + 1}/{len(samples)} (seed {seed})")

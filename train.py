@@ -13,16 +13,13 @@ import argparse
 import os
 import sys
 
-from pkmlm.checkpoint import CheckpointError
-from pkmlm.config import ConfigError, load_config
-from pkmlm.data import DataError
-from pkmlm.distributed import DistributedError, detect_env
+from pkmlm import cli
+from pkmlm.config import load_config
+from pkmlm.distributed import detect_env
 from pkmlm.eval.evaluation import perplexity
-from pkmlm.memory.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
-from pkmlm.memory.values_file import ValuesFileError
-from pkmlm.models.init_from import InitFromError
+from pkmlm.memory.kernels import enabled as kernels_enabled, retain_freed_memory
 from pkmlm.training.parallel import PREEMPTED_EXIT_CODE
-from pkmlm.training.trainer import TrainingError, train
+from pkmlm.training.trainer import train
 
 
 def main(argv=None) -> int:
@@ -41,17 +38,16 @@ def main(argv=None) -> int:
         # `--resume key=value`: argparse gave the override to --resume; it was meant as a plain --resume.
         args.overrides.append(args.resume)
         args.resume = "latest"
-    try:
-        kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
-        config = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(config.to_yaml(), end="")
-            return 0
-        result = train(config, resume=args.resume, init_from=args.init_from)
-    except (ConfigError, DataError, CheckpointError, DistributedError, TrainingError, InitFromError,
-            KernelsError, ValuesFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    result = train(config, resume=args.resume, init_from=args.init_from)
     if detect_env().is_main and result.valid_loss is not None:
         print(f"step {result.step}: valid loss {result.valid_loss:.4f}, perplexity {perplexity(result.valid_loss):.2f}")
         for name, stats in result.memory.items():

@@ -12,15 +12,18 @@ every entry it knows, so a damaged or crafted file is one CheckpointError, not a
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pkmlm.cli import UserError
 from pkmlm.fileio import atomic_open, fsync_dir
 
 FORMAT = 1
@@ -31,11 +34,15 @@ BEST = "best.pt"
 # was killed leaves one behind. Nothing else in the directory is ever removed as a temporary.
 _TEMPORARY = re.compile(r"^\.(step_\d{7,}\.pt|best\.pt)\.tmp\.\d+$")
 
-# Config fields that may differ between a checkpoint and the run that resumes it. The first set changes how long
-# the run goes and where and how often it reports, not the trajectory of the weights.
+# Config fields that may differ between a checkpoint and the run that resumes it (README's list is tested to be
+# these two sets). The first set changes how long the run goes, where it runs and where and how often it reports,
+# not the computation.
 RESUMABLE_CHANGES = frozenset({
     "data.dir",
     "data.verify_checksums",
+    # Where a run executes is not part of its identity (`make demo` trains with cpu, the config says auto); the
+    # same arithmetic on another device differs only in float rounding.
+    "train.device",
     "train.out_dir",
     "train.max_steps",
     "train.log_every",
@@ -62,7 +69,7 @@ STEERING_CHANGES = frozenset({
 })
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be read, or does not fit the run that tries to resume from it."""
 
 
@@ -119,10 +126,60 @@ def _write(state: dict, path: Path) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(path, "wb") as f:  # on any error the temporary file goes, the previous checkpoints stay
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in _ZIP_WRITER_FAILURES):
+            raise  # not a write failure: a bug, keep its traceback
+        raise CheckpointError(_write_failure(path, state, e)) from None
     fsync_dir(path.parent)
     return path
+
+
+# How torch's zip writer reports a write that failed under it (a full disk, a quota), in place of the OSError.
+_ZIP_WRITER_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos")
+
+
+def _write_failure(path: Path, state: dict, error: Exception) -> str:
+    """One line for a checkpoint write that failed: the path, the bytes it needs and has, and what to do."""
+    needed = state_bytes(state)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    space = f"it needs about {_size(needed)}" + (f", {path.parent} has {_size(free)} free" if free is not None else "")
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < needed) \
+        or isinstance(error, RuntimeError)  # the zip writer hides the errno; a full disk is the usual cause
+    cause = "no space left on the device" if full else (getattr(error, "strerror", None) or str(error).strip())
+    return (f"cannot write checkpoint {path}: {cause} ({space}); no partial file was left and the previous "
+            f"checkpoints are intact: free space or set train.out_dir to another disk, then rerun with --resume")
+
+
+def state_bytes(state) -> int:
+    """Bytes of the tensors in ``state`` (nested dicts, lists, tuples), each storage counted once: about the size
+    of its checkpoint file."""
+    seen, total, stack = set(), 0, [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            try:
+                storage = item.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+                total += item.nelement() * item.element_size()
+                continue
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack += item.values()
+        elif isinstance(item, (list, tuple)):
+            stack += item
+    return total
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
@@ -178,6 +235,10 @@ def abandon_newer(out_dir: str | os.PathLike, step: int, best_step: int | None) 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint onto the CPU without unpickling arbitrary objects; check its format and keys."""
     path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file: give a checkpoint file, e.g. "
+                              + (f"its newest, {latest}" if latest else f"{checkpoint_dir(path)}/step_XXXXXXX.pt"))
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from pkmlm.cli import UserError, utf8_text
 from pkmlm.memory import FLAT_MAX_SLOTS, KEY_INITS, VALUE_INITS
 
 PLACEMENTS = ("replace", "after", "parallel")
@@ -35,7 +36,7 @@ TRAINABLE = ("all", "memory", "slots", "lora")
 SLOT_SELECTIONS = ("tfidf",)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An unknown key, a wrong type or an invalid value in a config file, override or dict."""
 
 
@@ -221,12 +222,18 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply `key.sub=value` overrides (value parsed as YAML), validate."""
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise ConfigError(f"{source} is a directory, not a config file: give a YAML file, e.g. configs/tiny_pkm.yaml")
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found (see configs/ for the shipped ones)") from None
     except OSError as e:
         raise ConfigError(f"{source}: cannot read config file: {e.strerror}") from None
+    try:
+        text = utf8_text(data, source)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     try:
         raw = yaml.load(text, Loader=_Loader)
     except _DuplicateKey as e:

@@ -18,12 +18,16 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from pkmlm.cli import UserError
 
 DEFAULT_MASTER_PORT = 29500
 # A collective waiting longer than this raises on every rank instead of hanging (train.dist_timeout_s).
@@ -37,7 +41,7 @@ _check_group = None  # the gloo group the check talks over (None: the check is o
 _check_timeout_s = DEFAULT_CHECK_TIMEOUT_S
 
 
-class DistributedError(Exception):
+class DistributedError(UserError):
     """The launcher environment is inconsistent or incomplete."""
 
 
@@ -134,6 +138,39 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = DE
                             timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
     start_collective_check(timeout_s)
     return True
+
+
+# How gloo and NCCL report a peer that died or a collective that timed out (a RuntimeError, or torch's DistError).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "remote process exited", "NCCL communicator was aborted", "ncclRemoteError")
+_TIMED_OUT = ("Timed out", "timed out", "Timeout", "timeout", "Watchdog caught collective operation")
+
+
+@contextmanager
+def collective_errors(timeout_s: float = DEFAULT_TIMEOUT_S, setting: str = "the process-group timeout"
+                      ) -> Iterator[None]:
+    """Turn a collective that failed because a peer died or stayed away past ``timeout_s`` into one
+    DistributedError line naming this rank and the likely cause, instead of torch's multi-line traceback.
+
+    Anything else passes through unchanged. A no-op without a process group.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist.is_initialized():
+            raise
+        text = str(e)
+        lost, late = any(m in text for m in _PEER_LOST), any(m in text for m in _TIMED_OUT)
+        if not (lost or late or isinstance(e, getattr(dist, "DistError", ()))):
+            raise
+        if lost:
+            cause = ("a peer process died or closed its connection (killed, out of memory, or crashed: its own "
+                     "output says which and why)")
+        else:
+            cause = (f"a collective waited longer than {timeout_s:g} s ({setting}) for a peer, which is stuck or "
+                     "dead (see the other ranks' output)")
+        raise DistributedError(f"rank {rank()} of {world_size()} stops: {cause}; the checkpoints written so far are "
+                               "intact, --resume continues from the newest") from None
 
 
 def destroy_process_group() -> None:

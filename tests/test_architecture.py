@@ -16,7 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "pkmlm"
 
 # unit -> level. Shared helpers at the bottom; the command-line modules at the top.
 LEVELS = {
-    "fileio": 0, "progress": 0,
+    # cli: the command lines' shared error path (UserError, run); every error class derives from it.
+    "fileio": 0, "progress": 0, "cli": 0,
     "precision": 1, "checkpoint": 1, "distributed": 1,
     "data": 2, "memory": 2,
     "config": 3,

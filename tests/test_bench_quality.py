@@ -48,6 +48,7 @@ def test_quality_bench_trains_evaluates_and_reports(tmp_path, random_corpus):
     assert again.returncode == 0 and "train.py" not in again.stdout
 
 
+@pytest.mark.slow
 def test_quality_bench_rejects_unknown_models_and_missing_data(tmp_path):
     for args, message in ((["--models", "a,z"], "subset of a,b,c,d,e"), ([], "no prepared corpus")):
         done = subprocess.run([sys.executable, "bench/quality.py", "--data-dir", str(tmp_path / "none"), *args],

@@ -1,6 +1,8 @@
 import os
 import pickle
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match="cannot write checkpoint .*step_0000002.pt: disk full"):
         ckpt.save_checkpoint(_state(2), tmp_path, keep=3)
     assert os.listdir(tmp_path / "checkpoints") == ["step_0000001.pt"]
     assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_0000001.pt")["step"] == 1
@@ -221,3 +223,20 @@ def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_pat
     assert sorted(p.name for p in removed) == temporaries
     assert sorted(os.listdir(directory)) == [".notes.tmp.1", ".step_0000003.pt.tmp.x", "best.pt", "mine.tmp",
                                              "step_0000001.pt", "step_0000002.pt", "step_0000003.pt.tmp.1"]
+
+
+def test_where_a_run_executes_may_change_on_resume():
+    """`make demo` trains with train.device=cpu; the README's resume command leaves the config's auto."""
+    saved = {"train": {"device": "cpu", "max_steps": 300, "lr": 1e-3}}
+    assert ckpt.check_resumable(saved, {"train": {"device": "auto", "max_steps": 320, "lr": 1e-3}}) == []
+    assert ckpt.check_resumable(saved, {"train": {"device": "cuda", "max_steps": 300, "lr": 1e-3}}) == []
+
+
+def test_readme_lists_exactly_the_config_keys_that_may_change_on_resume():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- resume-changes -->(.*?)<!-- /resume-changes -->", readme, re.S)
+    assert block, "README.md lost its <!-- resume-changes --> block"
+    free, steering = block.group(1).split("steering", 1)
+    keys = lambda text: set(re.findall(r"`([a-z_]+\.[a-z_]+)`", text))  # noqa: E731
+    assert keys(free) == ckpt.RESUMABLE_CHANGES
+    assert keys(steering) == ckpt.STEERING_CHANGES

@@ -4,6 +4,8 @@ Modules, in pipeline order: `corpora` (where documents come from), `tokenize` (M
 (sentencepiece | fastBPE), `shards` (binarized splits on disk), `stream` (batches), `prepare` (CLI).
 """
 
+from pkmlm.cli import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad or missing data. The message names the file or option at fault and how to fix it."""

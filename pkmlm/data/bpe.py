@@ -21,6 +21,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from pkmlm.cli import file_in_the_way
 from pkmlm.data import DataError
 from pkmlm.data.tokenize import MosesSettings, detokenize, tokenize
 from pkmlm.fileio import write_text_atomic
@@ -260,6 +261,10 @@ def learn_tokenizer(backend: str, text_file, directory, vocab_size: int, seed: i
 def load_tokenizer(directory) -> Tokenizer:
     """The tokenizer saved in `directory` (DATA_DIR/tokenizer), checked against its tokenizer.json."""
     path = Path(directory) / META
+    blocker = file_in_the_way(directory)
+    if blocker is not None:
+        raise DataError(f"{blocker} is a file, not a directory: give a prepared data directory (its tokenizer "
+                        "is DATA_DIR/tokenizer)")
     if not path.is_file():
         raise DataError(f"{path} not found: prepare the data first (python -m pkmlm.data.prepare)")
     meta = json.loads(path.read_text())

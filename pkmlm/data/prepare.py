@@ -35,6 +35,7 @@ import numpy as np
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
+from pkmlm import cli
 from pkmlm.data import DataError
 from pkmlm.data.bpe import BACKENDS, cpu_count, fast_binary, learn_tokenizer, load_tokenizer
 from pkmlm.data.corpora import CORPORA, SPLIT_MODES, ReadStats, _Reader, input_files, read_file
@@ -122,7 +123,7 @@ def make_plan(out, *, inputs=None, corpus=None, split="file", text_field="text",
     if not files:
         raise DataError(f"no files in {', '.join(map(str, inputs or []))}: give files with text in them")
     sizes = [f.stat().st_size for f in files]
-    tasks = tasks or min(len(files), 256)
+    tasks = min(len(files), 256) if tasks is None else tasks
     if tasks < 1:
         raise DataError(f"--tasks must be positive, got {tasks}")
     plan = Plan(str(out), [str(f.resolve()) for f in files], sizes, split_ranges(sizes, tasks),
@@ -548,7 +549,7 @@ def prepare(out, *, inputs=None, corpus: str | None = None, split: str = "file",
             tasks: int | None = None, workers: int | None = None, progress: str = "auto",
             every: float = 30.0) -> dict:
     """Run both stages on this machine into `out`; return the merge report (+ seconds of Moses)."""
-    plan = _plan(out, inputs, corpus, split, text_field, moses, settings, max_documents, tasks)
+    plan = _plan(out, inputs, corpus, split, text_field, moses, settings, max_documents, tasks, workers)
     start = time.perf_counter()
     run_tasks_local(plan, workers=workers, progress=progress, every=every)
     moses_seconds = time.perf_counter() - start
@@ -564,7 +565,7 @@ def submit_slurm(out, slurm: SlurmSettings, *, inputs=None, corpus=None, split="
                  settings: MergeSettings = MergeSettings(), max_documents=None, tasks=None,
                  workers=None) -> dict:
     """Submit the task array and the merge job; returns their job ids (-1: nothing left to run)."""
-    plan = _plan(out, inputs, corpus, split, text_field, moses, settings, max_documents, tasks)
+    plan = _plan(out, inputs, corpus, split, text_field, moses, settings, max_documents, tasks, workers)
     if shutil.which("sbatch") is None:
         raise DataError("--executor slurm needs sbatch on PATH: run on a Slurm login node, or use "
                         "--executor local")
@@ -576,15 +577,17 @@ def submit_slurm(out, slurm: SlurmSettings, *, inputs=None, corpus=None, split="
             "logs": str(plan.work / "logs")}
 
 
-def _plan(out, inputs, corpus, split, text_field, moses, settings, max_documents, tasks) -> Plan:
+def _plan(out, inputs, corpus, split, text_field, moses, settings, max_documents, tasks, workers=None) -> Plan:
     if (inputs is None) == (corpus is None):
         raise DataError("give exactly one of --input PATH... or --corpus NAME")
     if corpus is not None and corpus not in CORPORA:
         raise DataError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
     if split not in SPLIT_MODES:
         raise DataError(f"unknown document split {split!r}: use one of {', '.join(SPLIT_MODES)}")
-    if max_documents is not None and max_documents < 1:
-        raise DataError(f"--max-documents must be positive, got {max_documents}")
+    # None means "the default"; 0 is refused rather than read as None.
+    for flag, value in (("--max-documents", max_documents), ("--tasks", tasks), ("--workers", workers)):
+        if value is not None and value < 1:
+            raise DataError(f"{flag} must be positive, got {value}: leave it out for the default")
     check_merge_settings(settings)
     return make_plan(out, inputs=inputs, corpus=corpus, split=split, text_field=text_field,
                      moses=moses, max_documents=max_documents, tasks=tasks)
@@ -670,27 +673,30 @@ def main(argv=None) -> int:
     slurm.add_argument("--sbatch", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="extra #SBATCH option for both jobs, e.g. account=abc (repeatable)")
     args = parser.parse_args(argv)
+    return cli.run(lambda: _run(args))
+
+
+def _run(args) -> int:
     moses = MosesSettings(args.lang, args.lowercase, args.remove_accents)
     settings = MergeSettings(args.bpe, args.vocab_size, args.tokenizer, args.valid, args.test,
                              args.seed, args.bpe_sample_bytes, args.max_shard_tokens)
     common = dict(inputs=args.input, corpus=args.corpus, split=args.split_documents,
                   text_field=args.text_field, moses=moses, settings=settings,
                   max_documents=args.max_documents, tasks=args.tasks, workers=args.workers)
-    try:
-        if args.executor == "slurm":
-            if not args.partition:
-                raise DataError("--executor slurm needs --partition NAME")
-            jobs = submit_slurm(args.out, SlurmSettings(
-                args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb, args.merge_cpus,
-                args.merge_time, dict(args.sbatch)), **common)
-            print(f"submitted {jobs['tasks']} tasks as job {jobs['tasks_job']} (-1: all finished) and "
-                  f"the merge as job {jobs['merge_job']}; task logs: {jobs['logs']}; run the same "
-                  f"command again to redo failed tasks")
-            return 0
-        report = prepare(args.out, **common)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2  # bad input, as train.py and evaluate.py
+    if args.executor == "slurm":
+        if not args.partition:
+            raise DataError("--executor slurm needs --partition NAME")
+        for flag in ("--cpus-per-task", "--mem-per-cpu-gb", "--merge-cpus"):
+            if getattr(args, flag[2:].replace("-", "_")) < 1:
+                raise DataError(f"{flag} must be positive, got {getattr(args, flag[2:].replace('-', '_'))}")
+        jobs = submit_slurm(args.out, SlurmSettings(
+            args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb, args.merge_cpus,
+            args.merge_time, dict(args.sbatch)), **common)
+        print(f"submitted {jobs['tasks']} tasks as job {jobs['tasks_job']} (-1: all finished) and "
+              f"the merge as job {jobs['merge_job']}; task logs: {jobs['logs']}; run the same "
+              f"command again to redo failed tasks")
+        return 0
+    report = prepare(args.out, **common)
     print(summary(report))
     print(f"ready: {args.out} (Moses output kept in {Path(args.out) / WORK} for reruns; delete it to "
           f"free space)")

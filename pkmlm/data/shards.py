@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pkmlm.cli import file_in_the_way
 from pkmlm.data import DataError
 
 FORMAT = 2  # 2: documents keep their line breaks (newline_id); 1: lines were run together
@@ -264,6 +265,10 @@ def open_split(split_dir, *, expected_vocab_hash: str | None = None,
     """
     split_dir = Path(split_dir)
     path = split_dir / MANIFEST
+    blocker = file_in_the_way(split_dir)
+    if blocker is not None:
+        raise DataError(f"{blocker} is a file, not a directory: give the prepared data directory "
+                        f"(the --out of python -m pkmlm.data.prepare)")
     if not path.is_file():
         raise DataError(f"{path} not found: prepare the data first "
                         f"(python -m pkmlm.data.prepare --out {split_dir.parent} ...)")

@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from pkmlm import checkpoint as ckpt, distributed as D
+from pkmlm.cli import UserError
 from pkmlm.config import Config
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import eval_batches
@@ -41,7 +42,7 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
 
 
-class EvaluationError(Exception):
+class EvaluationError(UserError):
     """Bad evaluation input: no checkpoint in a run directory, a checkpoint that does not fit its config."""
 
 

@@ -27,18 +27,18 @@ from pathlib import Path
 
 import torch
 
-from pkmlm.checkpoint import CheckpointError
-from pkmlm.config import ConfigError
-from pkmlm.data import DataError
+from pkmlm import cli
+from pkmlm.cli import UserError
 from pkmlm.data.shards import open_split
 from pkmlm.data.stream import eval_batches
-from pkmlm.distributed import DistributedError, detect_env, resolve_device
-from pkmlm.eval.evaluation import EvaluationError, TrainedModel, load_trained
+from pkmlm.distributed import detect_env, resolve_device
+from pkmlm.eval.evaluation import TrainedModel, load_trained
 from pkmlm.fileio import write_text_atomic
 from pkmlm.memory import ProductKeyMemory
+from pkmlm.memory.kernels import enabled as kernels_enabled
 
 
-class InspectError(ValueError):
+class InspectError(UserError, ValueError):
     """Bad inspector input: an unknown layer, a bad count."""
 
 
@@ -221,16 +221,23 @@ def format_report(report: SlotReport) -> str:
     for r in report.top:
         lines.append(f"{r.slot:>8} {str(r.subkeys):>11} {r.reads:>9,} {r.reads / report.tokens:>9.2%} "
                      f"{r.weight:>9.2f} {r.weight / r.reads:>7.3f}")
-        lines += [f"{'':>10}{c.weight:.3f}  {c.text}" for c in r.contexts]
+        lines += [f"{'':>10}{c.weight:.3f}  {table_text(c.text)}" for c in r.contexts]
     return "\n".join(lines)
 
 
+def table_text(text: str) -> str:
+    """``text`` on one line of a table: line breaks, tabs and other control characters escaped (\\n, \\t, ...),
+    backslashes doubled so the escapes stay unambiguous. JSON keeps the text as it is."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text.replace("\\", "\\\\"))
+
+
 def format_text_reads(rows: list[dict]) -> str:
-    width = max([len(r["piece"]) for r in rows] + [5])
+    width = max([len(table_text(r["piece"])) for r in rows] + [5])
     lines = [f"{'pos':>4}  {'token':<{width}}  slots read (slot:weight, heads merged, heaviest first)"]
     for r in rows:
         slots = "  ".join(f"{s}:{w:.3f}" for s, w in r["slots"])
-        lines.append(f"{r['position']:>4}  {r['piece']:<{width}}  {slots}")
+        lines.append(f"{r['position']:>4}  {table_text(r['piece']):<{width}}  {slots}")
     return "\n".join(lines)
 
 
@@ -251,22 +258,25 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="prepared data directory (default: the data.dir saved in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
-    try:
-        run = load_trained(args.path, data_dir=args.data_dir, device=resolve_device(args.device, detect_env()))
-        find_memory(run.model, args.layer)  # a wrong name fails before reading any data
-        top = args.top if args.top is not None else 8 if args.text is not None else 20
-        if args.text is not None:
-            result = text_reads(run, args.layer, args.text, top=top)
-            text, payload = format_text_reads(result), {"layer": args.layer, "checkpoint": str(run.checkpoint),
-                                                        "step": run.step, "tokens": result}
-        else:
-            report = slot_report(run, args.layer, split=args.split, top=top, contexts=args.contexts,
-                                 width=args.width, by=args.by, max_tokens=args.max_tokens,
-                                 batch_size=args.batch_size)
-            text, payload = format_report(report), asdict(report)
-    except (InspectError, EvaluationError, CheckpointError, ConfigError, DataError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    text_arg = cli.check_text(args.text, "--text") if args.text is not None else None
+    if args.json is not None:
+        cli.check_output_file(args.json, "--json")
+    run = load_trained(args.path, data_dir=args.data_dir, device=resolve_device(args.device, detect_env()))
+    find_memory(run.model, args.layer)  # a wrong name fails before reading any data
+    top = args.top if args.top is not None else 8 if text_arg is not None else 20
+    if text_arg is not None:
+        result = text_reads(run, args.layer, text_arg, top=top)
+        text, payload = format_text_reads(result), {"layer": args.layer, "checkpoint": str(run.checkpoint),
+                                                    "step": run.step, "tokens": result}
+    else:
+        report = slot_report(run, args.layer, split=args.split, top=top, contexts=args.contexts,
+                             width=args.width, by=args.by, max_tokens=args.max_tokens, batch_size=args.batch_size)
+        text, payload = format_report(report), asdict(report)
     print(text)
     if args.json:
         write_text_atomic(args.json, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")

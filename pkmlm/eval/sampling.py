@@ -31,11 +31,12 @@ from torch import Tensor, nn
 
 from pkmlm import distributed as D
 from pkmlm.eval.threads import ThreadTuner
+from pkmlm.cli import UserError
 from pkmlm.models.transformer import KVCache
 from pkmlm.precision import autocast
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError, ValueError):
     """An invalid sampling option (temperature, top-k, top-p, lengths)."""
 
 

@@ -5,7 +5,8 @@ On the CPU, torch's generic ops spend most of a memory layer's time on full memo
 over every sub-key score, the dense (N, heads, 2, n_keys) gradient of those scores, and Adam's seven
 passes over each touched value row. The kernels do the same arithmetic with far less traffic (see
 docs/benchmarks.md). They are built on first use with `torch.utils.cpp_extension` (a C++ compiler
-and ninja; about 15 s, once per machine, cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`).
+and ninja; about 15 s, once per machine, cached in torch's extension directory, `TORCH_EXTENSIONS_DIR`);
+a process that compiles them says so on stderr, before and after.
 
 The lookup's top-k selection and RowAdam's row update have AVX-512, AVX2 and scalar versions
 (pkm_topk_simd.h, pkm_adam_simd.h); the best one the CPU reports (`__builtin_cpu_supports`) is used,
@@ -31,12 +32,15 @@ import fcntl
 import hashlib
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from pkmlm.cli import UserError
 
 ENV_VAR = "PKMLM_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "csrc" / "pkm_cpu.cpp"
@@ -51,7 +55,7 @@ BUILD_LOCK_TIMEOUT = 600.0  # seconds to wait for another process's build (a col
 _build: dict[str, object] = {}  # "ok": bool, once a build was attempted in this process
 
 
-class KernelsError(ValueError):
+class KernelsError(UserError, ValueError):
     """`PKMLM_CPU_KERNELS` holds something other than "0" or "1"."""
 
 
@@ -98,10 +102,18 @@ def _load() -> bool:
     name = "pkmlm_cpu_" + _machine_digest()
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        # A first use compiles for ~15 s in silence: say so (stderr, once per process that finds no build).
+        start = time.monotonic()
+        building = not (build_dir / f"{name}.so").exists()
+        if building:
+            print(f"pkmlm: compiling the CPU kernels for this machine (first use, about 15 s, once; cached in "
+                  f"{build_dir}) ...", file=sys.stderr, flush=True)
         with _build_lock(build_dir.with_name(build_dir.name + ".pkmlm-lock")):
             (build_dir / "lock").unlink(missing_ok=True)  # torch's lock: stale, since we hold ours
             cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False,
                                verbose=False)
+        if building:
+            print(f"pkmlm: CPU kernels ready ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
     except Exception as e:  # no compiler, no ninja, unsupported flags, a lock held too long: "use torch"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"pkmlm: could not build the compiled CPU kernels ({first_line}); using the slower "
@@ -137,8 +149,9 @@ class _build_lock:
 
 
 def _machine_digest() -> str:
-    # torch rebuilds when SOURCE changes, not when a header it includes does: those go into the name.
-    headers = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h")))
+    # torch rebuilds when SOURCE changes, not when a header it includes does: those go into the name. SOURCE goes in
+    # too, so that checkouts with different sources (branches, worktrees) never rebuild over each other's build.
+    headers = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.h"))) + SOURCE.read_bytes()
     cpu = platform.machine() + hashlib.sha1(headers).hexdigest()
     try:
         with open("/proc/cpuinfo") as f:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pkmlm.cli import UserError, file_in_the_way
 from pkmlm.fileio import fsync_dir, write_text_atomic
 
 _MAGIC = b"PKMUNDO1"
@@ -42,7 +43,7 @@ _CHUNK_ROWS = 1 << 16  # rows initialised per write when a table is created
 _FILES = WeakIdKeyDictionary()  # table parameter -> its ValuesFile
 
 
-class ValuesFileError(Exception):
+class ValuesFileError(UserError):
     """The values file cannot be created, opened or matched with a checkpoint."""
 
 
@@ -61,6 +62,13 @@ class ValuesFile:
 
     def __init__(self, path: str | os.PathLike, rows: int, dim: int, *, writable: bool, seed: int = 0):
         self.path, self.rows, self.dim, self.writable = Path(path), rows, dim, writable
+        if self.path.is_dir():
+            raise ValuesFileError(f"memory.values_file={self.path} is a directory: name a file in it, e.g. "
+                                  f"{self.path / 'values.bin'} (its .adam, .step, .json and .undo files go beside it)")
+        blocker = file_in_the_way(self.path.parent)
+        if blocker is not None:
+            raise ValuesFileError(f"memory.values_file={self.path}: {blocker} is a file, not a directory: point "
+                                  "memory.values_file at a path inside a directory")
         self.meta = self.path.with_name(self.path.name + ".json")
         self.undo = self.path.with_name(self.path.name + ".undo")
         if writable and not self.meta.exists():

@@ -31,10 +31,11 @@ from torch import nn
 from pkmlm import checkpoint as ckpt
 from pkmlm.config import Config
 from pkmlm.memory import ProductKeyMemory
+from pkmlm.cli import UserError
 from pkmlm.memory.value_table import local_state
 
 
-class InitFromError(ValueError):
+class InitFromError(UserError, ValueError):
     """The source checkpoint does not fit the model (a shape differs, no weight in common, another vocabulary)."""
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkmlm import checkpoint as ckpt, distributed as D
+from pkmlm.cli import UserError, check_output_dir
 from pkmlm.config import Config
 from pkmlm.data import DataError
 from pkmlm.data.shards import open_split
@@ -43,7 +44,7 @@ from pkmlm.training.optim import Optimizers, inverse_sqrt_warmup, make_optimizer
 from pkmlm.training.reinit import DeadSlotReinit
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """The run cannot go on (too many non-finite losses, a non-finite weight, an occupied out_dir)."""
 
 
@@ -113,7 +114,9 @@ def train(config: Config, resume: str | os.PathLike | None = None,
     config.validate_runtime(world_size=env.world_size, device_type=device.type)
     created = D.init_process_group(env, device, timeout_s=config.train.dist_timeout_s)
     try:
-        return Trainer(config, env, device).run(resume, init_from)
+        # A dead or stuck peer: one line naming this rank and the cause, not torch's traceback.
+        with D.collective_errors(config.train.dist_timeout_s, "train.dist_timeout_s"):
+            return Trainer(config, env, device).run(resume, init_from)
     finally:
         if created:
             D.destroy_process_group()
@@ -169,9 +172,7 @@ class Trainer:
 
     def _resume(self, resume) -> Path | None:
         """Load the checkpoint ``resume`` names (see ``train``); returns its path, None for a fresh run."""
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise TrainingError(f"train.out_dir={self.out_dir} is a file, not a directory: choose another "
-                                "train.out_dir")
+        check_output_dir(self.out_dir, "train.out_dir")  # a file there, or in its path: one clear line
         if resume is None:
             if ckpt.latest_checkpoint(self.out_dir) is not None or ckpt.best_path(self.out_dir).exists():
                 raise TrainingError(f"{ckpt.checkpoint_dir(self.out_dir)} already holds checkpoints: pass "
@@ -261,8 +262,19 @@ class Trainer:
         optim_state = self._gather_optimizer_state()
         rng = D.all_gather_object(ckpt.rng_state(self.device))  # every rank's generators (all ranks call)
         reinit = self.reinit.state_dict() if self.reinit is not None else None  # all ranks call
-        if not self.env.is_main:
-            return
+        error = None
+        if self.env.is_main:
+            try:
+                self._write(model_state, optim_state, rng, reinit, step_file=step_file, best=best)
+            except ckpt.CheckpointError as e:  # a full disk: every rank stops, none waits for rank 0 forever
+                error = e
+        if D.all_reduce_max(torch.tensor([float(error is not None)], device=self.device)).item() > 0:
+            raise error or ckpt.CheckpointError(
+                f"rank {self.env.rank}: stopping because rank 0 could not write the checkpoint of step {self.step} "
+                "(rank 0's error says why)")
+
+    def _write(self, model_state, optim_state, rng, reinit, *, step_file: bool, best: bool) -> None:
+        """Rank 0's part of ``_save``: the checkpoint files."""
         state = {"format": ckpt.FORMAT, "config": self.config.to_dict(), "model": model_state,
                  "optimizers": optim_state, "step": self.step, "rng": {"ranks": rng},
                  "data": self.stream.state_dict(), "vocab_hash": self.train_data.vocab_hash,

@@ -283,6 +283,7 @@ def test_progress_lines_when_not_a_tty(tmp_path, articles, capsys):
     assert "tasks=8/8" in err
 
 
+@pytest.mark.slow
 def test_slurm_array_and_merge_jobs(tmp_path, articles, monkeypatch):
     """The Slurm path without Slurm: the scripts datatrove would submit, then each array task run the
     way a job runs it (launch_pickled_pipeline with Slurm's environment); equal to a local run."""
@@ -352,6 +353,7 @@ def test_prepare_cli_errors_and_bbc_subset(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("out", ["file.txt", "file.txt/sub"])
+@pytest.mark.slow
 def test_prepare_out_that_cannot_be_a_directory_is_one_line_exit_2(tmp_path, out):
     import subprocess
     import sys

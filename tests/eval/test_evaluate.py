@@ -111,6 +111,7 @@ def _cli(*args, **env_extra):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_table_json_and_csv(run, tmp_path):
     _, run_dir, _ = run
     proc = _cli("evaluate.py", str(run_dir), "--split", "valid,test", "--json", str(tmp_path / "r.json"),
@@ -148,6 +149,7 @@ def bad_inputs(run, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty run dir", "truncated", "other vocabulary", "no such split",
                                   "empty split", "json is a directory"])
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, bad_inputs, tmp_path):
     args, message = bad_inputs[case]
     out = tmp_path / "out.json"

@@ -105,3 +105,16 @@ def test_cli(text_run, tmp_path, capsys):
         assert main([str(run_dir), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_table_escapes_line_breaks_in_contexts_and_pieces():
+    """A context that spans a line break stays on one line of the table (JSON keeps the text as it is)."""
+    from pkmlm.eval.inspect import Context, SlotRecord, SlotReport, format_report, format_text_reads, table_text
+
+    report = SlotReport("blocks.1.memory", "ckpt.pt", 3, "valid", 100, 64, 10, "reads",
+                        [SlotRecord(5, (0, 5), 4, 1.5, [Context(7, 0.5, "end of a line\n[[Next]] line\tand \\ more")])])
+    lines = format_report(report).splitlines()
+    assert len(lines) == 5 and lines[-1].endswith("0.500  end of a line\\n[[Next]] line\\tand \\\\ more")
+    rows = format_text_reads([{"position": 0, "token": 2, "piece": "\n", "slots": [[1, 1.0]]}]).splitlines()
+    assert len(rows) == 2 and rows[1].split()[1] == "\\n"
+    assert table_text("café ▁x") == "café ▁x"

@@ -131,6 +131,7 @@ def test_generate_stops_at_eos_and_checks_options():
         generate(model, [], max_new_tokens=5, window=8, seeds=[0])
 
 
+@pytest.mark.slow
 def test_generate_cli(text_run):
     data_dir, run_dir = text_run
     # The torch path: loading the compiled kernels in a fresh process costs seconds, and they are not what

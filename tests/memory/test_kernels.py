@@ -476,6 +476,7 @@ def test_failed_build_is_cached_and_memory_uses_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.slow
 def test_bad_env_var_is_one_line_exit_2(script, tmp_path):
     root = Path(__file__).resolve().parents[2]
     args = ["--config", str(tmp_path / "none.yaml")] if script == "train.py" else [str(tmp_path)]
@@ -642,3 +643,14 @@ def test_every_row_adam_path_gives_the_scalar_result(kernel_calls, dim):
     assert not torch.equal(w, start) and count.max() > 1
     for path in paths[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[path], results["scalar"])), path
+
+
+def test_first_build_says_what_is_happening(monkeypatch, tmp_path, capsys):
+    """The ~15 s compile on first use prints a line before and after; loading a finished build prints nothing."""
+    calls, torch_lock = _recording_build(monkeypatch, tmp_path)
+    assert kernels._load() is True and calls == [False]
+    err = capsys.readouterr().err
+    assert "compiling the CPU kernels" in err and str(torch_lock.parent) in err and "CPU kernels ready" in err
+    (torch_lock.parent / f"{torch_lock.parent.name}.so").write_bytes(b"")  # what a finished build leaves
+    assert kernels._load() is True and calls == [False, False]
+    assert capsys.readouterr().err == ""

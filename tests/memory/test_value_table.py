@@ -62,6 +62,7 @@ def _read_worker(rank, world, init_file, out_dir):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.slow
 def test_sharded_read_and_gradients_match_a_whole_table(tmp_path, world):
     mp.spawn(_read_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
@@ -103,6 +104,7 @@ def _state_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_state_holds_whole_shared_tables_and_loads_back(tmp_path):
     mp.spawn(_state_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     state = torch.load(tmp_path / "state.pt", weights_only=True)

@@ -1,6 +1,7 @@
 """memory.values_file: the value table and its RowAdam state in memory-mapped files (pkmlm/memory/values_file.py)."""
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -95,8 +96,17 @@ def test_moments_file_is_allocated_zero_and_never_written_until_used(tmp_path):
 def test_bad_locations_are_clear_errors(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("")
-    with pytest.raises(ValuesFileError, match="cannot write in"):
+    with pytest.raises(ValuesFileError, match="file, not a directory"):
         ValuesFile(blocked / "v", 64, 8, writable=True)
+    with pytest.raises(ValuesFileError, match="is a directory: name a file in it"):  # not IsADirectoryError
+        ValuesFile(tmp_path, 64, 8, writable=True)
+    with pytest.raises(ValuesFileError, match="is a directory: name a file in it"):
+        ValuesFile(tmp_path, 64, 8, writable=False)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    if not os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere
+        with pytest.raises(ValuesFileError, match="cannot write in"):
+            ValuesFile(tmp_path / "ro" / "v", 64, 8, writable=True)
     import shutil
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6, 1000))
     with pytest.raises(ValuesFileError, match="GiB on disk"):

@@ -146,6 +146,7 @@ def _timeout_worker(rank, port, out_dir):
     os._exit(0)  # the group is broken on purpose: skip its teardown
 
 
+@pytest.mark.slow
 def test_process_group_timeout_fails_a_collective_instead_of_hanging(tmp_path):
     import socket
     with socket.socket() as sock:
@@ -185,6 +186,7 @@ def _union_worker(rank, world, init_file, out_dir, num_rows, reads):
 
 # Few reads of a large table take the id all_gather; many reads of a small one the bitmap all-reduce.
 @pytest.mark.parametrize("world, num_rows, reads", [(2, 10_000, 6), (4, 50, 40)])
+@pytest.mark.slow
 def test_union_sync_matches_brute_force_and_is_identical_on_every_rank(tmp_path, world, num_rows, reads):
     mp.spawn(_union_worker, args=(world, str(tmp_path / "init"), str(tmp_path), num_rows, reads), nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
@@ -211,6 +213,7 @@ def _drift_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_replica_drift_is_detected_on_every_rank(tmp_path):
     mp.spawn(_drift_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     for rank in range(2):

@@ -291,6 +291,7 @@ def _write_config(path, config):
     (["--resume", "/nonexistent/step_0000001.pt"], "no checkpoint at /nonexistent"),
     (["train.out_dir=c.yaml"], "is a file, not a directory"),
 ])
+@pytest.mark.slow
 def test_cli_errors_are_one_line_exit_2(args, message, data_dir, tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run"))
     args = [a.replace("=c.yaml", f"={cfg}") for a in args]
@@ -333,6 +334,7 @@ def _broken_copy(data_dir, tmp_path, case):
     ("shard outside the split", "'../stolen.bin' is not a plain file name inside"),
     ("string vocab_size", "'vocab_size' must be an integer"),
 ])
+@pytest.mark.slow
 def test_cli_bad_data_is_one_line_exit_2(case, message, data_dir, tmp_path):
     root = _broken_copy(data_dir, tmp_path, case)
     cfg = _write_config(tmp_path / "c.yaml", tiny(root, tmp_path / "run"))
@@ -348,6 +350,7 @@ def test_cli_bad_data_is_one_line_exit_2(case, message, data_dir, tmp_path):
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 
+@pytest.mark.slow
 def test_cli_crafted_checkpoints_are_one_line_exit_2(data_dir, tmp_path):
     out = tmp_path / "run"
     config = tiny(data_dir, out, train={"max_steps": 1})
@@ -392,6 +395,7 @@ def test_cli_prints_inf_perplexity_for_a_huge_loss(monkeypatch, capsys):
     assert "step 3: valid loss 10000.0000, perplexity inf" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_print_config(data_dir, tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run"))
     proc = subprocess.run([sys.executable, "train.py", "--config", cfg, "--print-config", "train.max_steps=77"],
@@ -499,6 +503,7 @@ def test_nonfinite_weights_on_one_rank_stop_every_rank(data_dir, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["step_0000001.pt"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_stay_in_sync(data_dir, tmp_path):
     """torchrun, 2 gloo processes with grad_accum=2 (no_sync on the first micro-batch): both ranks end with
     identical parameters (value tables included), and the same global batches give the same losses and weights
@@ -562,6 +567,7 @@ def even_data_dir(data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.slow
 def test_sharded_tables_match_one_process_and_evaluate_alone(even_data_dir, tmp_path, world):
     """W processes each holding 1/W of the value columns give the losses and weights of one process with
     grad_accum=W (same global batches); the checkpoint holds whole tables and evaluates in one process."""
@@ -591,6 +597,7 @@ def test_sharded_tables_match_one_process_and_evaluate_alone(even_data_dir, tmp_
     assert one.valid_loss == pytest.approx(ranks[0]["valid"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_resume_is_exact_and_reshards_to_another_world_size(data_dir, tmp_path):
     import shutil
 
@@ -637,6 +644,7 @@ DRIFT_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_replica_drift_stops_the_run_with_a_clear_message(data_dir, tmp_path):
     (tmp_path / "drift.py").write_text(DRIFT_WORKER)
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run", train={"max_steps": 2,
