@@ -6,7 +6,6 @@ resumed run is bitwise the uninterrupted one; LoRA trains adapters only and its 
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 
