@@ -11,6 +11,8 @@ generation against pkmlm. Parameter names are pkmlm's, except that value tables 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,17 +38,30 @@ class PkmlmConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x**2) + eps) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
 def _norm(m: dict, dim: int) -> nn.Module:
     eps = m.get("norm_eps", 1e-5)
     if m.get("norm", "layernorm") == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps)
     return nn.LayerNorm(dim, eps=eps, bias=m.get("bias", True))
 
 
 def _rotate(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """RoPE on (B, heads, T, dh) at positions pos (T,): pairs (i, i + dh/2) turned by pos * theta**(-2i/dh)."""
     dh = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)
+    inv = 1.0 / (theta ** (torch.arange(0, dh, 2, device=x.device).float() / dh))
     angles = pos.float()[:, None] * inv[None, :]  # (T, dh/2)
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(x.dtype), torch.cat([angles.sin()] * 2, -1).to(x.dtype)
     x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
@@ -62,11 +77,12 @@ class Attention(nn.Module):
         self.rope = m.get("position_encoding", "learned") == "rope"
         self.theta = m.get("rope_theta", 10000.0)
         bias = m.get("bias", True)
-        self.qkv = nn.Linear(d, (self.n_heads + 2 * self.n_kv) * self.dh, bias=bias or m.get("qkv_bias", False))
+        qkv_bias = bias if m.get("attn_qkv_bias") is None else m["attn_qkv_bias"]
+        self.qkv = nn.Linear(d, (self.n_heads + 2 * self.n_kv) * self.dh, bias=qkv_bias)
         self.proj = nn.Linear(self.n_heads * self.dh, d, bias=bias)
         if m.get("attn_qk_norm", False):
-            self.q_norm = nn.RMSNorm(self.dh, eps=m.get("norm_eps", 1e-5))
-            self.k_norm = nn.RMSNorm(self.dh, eps=m.get("norm_eps", 1e-5))
+            self.q_norm = RMSNorm(self.dh, m.get("norm_eps", 1e-5))
+            self.k_norm = RMSNorm(self.dh, m.get("norm_eps", 1e-5))
         else:
             self.q_norm = self.k_norm = None
 
@@ -93,21 +109,19 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, m: dict):
         super().__init__()
-        d, kind = m["d_model"], m.get("ffn", "gelu")
+        d, self.kind = m["d_model"], m.get("ffn", "gelu")
         hidden = m.get("ffn_hidden", 0) or m.get("ffn_mult", 4) * d
+        if not m.get("ffn_hidden", 0) and self.kind == "swiglu":  # two thirds, to a multiple of 256 (Llama)
+            hidden = 256 * math.ceil(2 * m.get("ffn_mult", 4) * d / 3 / 256)
         bias = m.get("bias", True)
-        self.kind = kind
-        self.fc = nn.Linear(d, 2 * hidden if kind == "swiglu" else hidden, bias=bias)
+        self.fc = nn.Linear(d, hidden, bias=bias)
+        self.gate = nn.Linear(d, hidden, bias=bias) if self.kind == "swiglu" else None
         self.proj = nn.Linear(hidden, d, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc(x)
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
-        return self.proj(h)
+        if self.gate is not None:
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
 
 
 class Memory(nn.Module):
