@@ -23,6 +23,9 @@ import yaml
 from pkmlm.memory import FLAT_MAX_SLOTS, KEY_INITS, VALUE_INITS
 
 PLACEMENTS = ("replace", "after", "parallel")
+NORMS = ("layernorm", "rmsnorm")
+POSITION_ENCODINGS = ("learned", "rope")
+FFNS = ("gelu", "gelu_tanh", "swiglu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -40,7 +43,37 @@ class ModelConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     attn_dropout: float = 0.0
-    max_seq_len: int = 512
+    max_seq_len: int = 512  # learned: position table size, longest input; rope: attention window
+    # Block variants (docs/config.md); the defaults are the 2019 transformer.
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    position_encoding: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    ffn: str = "gelu"  # gelu | gelu_tanh | swiglu
+    ffn_hidden: int = 0  # 0: derived from ffn_mult (see ffn_width)
+    n_kv_heads: int = 0  # grouped-query attention; 0: n_heads
+    head_dim: int = 0  # 0: d_model // n_heads
+    bias: bool = True  # biases of attention and FFN projections and of LayerNorm
+    attn_qkv_bias: Optional[bool] = None  # q/k/v projection bias; None: follows bias (Qwen2: bias false, this true)
+    attn_qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    tie_embeddings: bool = True  # output layer reuses the token embedding
+
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when it is 0."""
+        return self.n_kv_heads or self.n_heads
+
+    def head_size(self) -> int:
+        """Per-head width of q, k and v: head_dim, or d_model // n_heads when it is 0."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    def ffn_width(self) -> int:
+        """FFN hidden width: ffn_hidden, else ffn_mult * d_model for GELU FFNs, and for SwiGLU two thirds of
+        that rounded up to a multiple of 256 (Llama's rule: about the GELU FFN's parameter count)."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.ffn == "swiglu":
+            return 256 * math.ceil(2 * self.ffn_mult * self.d_model / 3 / 256)
+        return self.ffn_mult * self.d_model
 
 
 @dataclass
@@ -346,12 +379,32 @@ def _problems(c: Config):
     yield from at_least("model.n_layers", m.n_layers, 1)
     yield from at_least("model.d_model", m.d_model, 1)
     yield from at_least("model.n_heads", m.n_heads, 1)
-    if m.n_heads >= 1 and m.d_model % m.n_heads:
-        yield "model.n_heads", f"{m.n_heads} does not divide model.d_model={m.d_model}"
+    yield from at_least("model.head_dim", m.head_dim, 0)
+    if m.n_heads >= 1 and m.head_dim == 0 and m.d_model % m.n_heads:
+        yield "model.n_heads", (f"{m.n_heads} does not divide model.d_model={m.d_model} (or set model.head_dim "
+                                "to the per-head width)")
+    yield from at_least("model.n_kv_heads", m.n_kv_heads, 0)
+    if m.n_kv_heads >= 1 and m.n_heads >= 1 and m.n_heads % m.n_kv_heads:
+        yield "model.n_kv_heads", (f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads} (each key/value "
+                                   "head serves a whole group of query heads; 0: n_heads)")
     yield from at_least("model.ffn_mult", m.ffn_mult, 1)
+    yield from at_least("model.ffn_hidden", m.ffn_hidden, 0)
     yield from probability("model.dropout", m.dropout)
     yield from probability("model.attn_dropout", m.attn_dropout)
     yield from at_least("model.max_seq_len", m.max_seq_len, 1)
+    if m.norm not in NORMS:
+        yield "model.norm", f"'{m.norm}' (must be one of {', '.join(NORMS)})"
+    if not 0 < m.norm_eps < 1:
+        yield "model.norm_eps", f"{m.norm_eps} (must be in (0, 1), e.g. 1e-5 or 1e-6)"
+    if m.position_encoding not in POSITION_ENCODINGS:
+        yield "model.position_encoding", f"'{m.position_encoding}' (must be one of {', '.join(POSITION_ENCODINGS)})"
+    elif m.position_encoding == "rope" and m.n_heads >= 1 and m.head_size() % 2:
+        yield "model.position_encoding", (f"rope rotates pairs of dimensions, but the head size {m.head_size()} is "
+                                          "odd; choose model.d_model / model.n_heads (or model.head_dim) even")
+    if m.rope_theta <= 1:
+        yield "model.rope_theta", f"{m.rope_theta} (must be > 1, e.g. 10000)"
+    if m.ffn not in FFNS:
+        yield "model.ffn", f"'{m.ffn}' (must be one of {', '.join(FFNS)})"
 
     seen: dict[int, set[str]] = {}
     for i, p in enumerate(mem.positions):

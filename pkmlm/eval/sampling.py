@@ -7,7 +7,10 @@ running statistics), so only attention needs the past: the KV cache (pkmlm.model
 new token costs one position's forward. Learned positions were trained on windows of `data.bptt` tokens, so
 the model never sees more than `window` tokens: the prompt's last `window`, and when a sample fills the
 window, its context drops to the last `window // 2` tokens (re-encoded into a fresh cache) and grows again.
-Without the cache every step re-reads the same context from scratch, so both give the same tokens (tested).
+A RoPE model (model.position_encoding=rope) has no such bound: its cache slides (sliding-window attention, each
+layer's query sees the last `window` keys at their absolute positions) and nothing is re-encoded.
+Without the cache every step re-reads the same context from scratch (for RoPE: from the prompt's window on, in
+chunks of `window` through a fresh sliding cache), so both give the same tokens (tested).
 
 Randomness comes only from one CPU torch.Generator per sample, seeded with that sample's seed: the same
 seed gives the same text on any device, and sample i of a batch equals a single sample with seed i.
@@ -83,16 +86,20 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
     done = torch.zeros(len(seeds), dtype=torch.bool)
     new: list[list[int]] = [[] for _ in seeds]
     was_training = model.training
+    sliding = getattr(model, "rope", False)  # RoPE: the cache slides; no restart, nothing re-encoded
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            if seq.shape[1] - start > window:
+            if not sliding and seq.shape[1] - start > window:
                 start = seq.shape[1] - max(1, window // 2)
             with autocast(device, precision):
-                if not use_cache:
+                if not use_cache and sliding:
+                    scratch = KVCache(len(model.blocks), window)
+                    logits = torch.cat([model(c, scratch) for c in seq[:, start:].split(window, dim=1)], dim=1)
+                elif not use_cache:
                     logits = model(seq[:, start:])
                 elif cache is None or cache_start != start:  # a fresh cache over the new context
-                    cache, cache_start = KVCache(len(model.blocks)), start
+                    cache, cache_start = KVCache(len(model.blocks), window if sliding else None), start
                     logits = model(seq[:, start:], cache)
                 else:
                     logits = model(seq[:, -1:], cache)

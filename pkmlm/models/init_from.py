@@ -55,8 +55,9 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, vocab_has
         if source[name].shape != target[name].shape:
             raise InitFromError(
                 f"cannot initialise from {path}: parameter {name} has shape {tuple(source[name].shape)} there and "
-                f"{tuple(target[name].shape)} in this model; the model sizes (model.d_model, model.n_layers, "
-                f"model.ffn_mult, model.max_seq_len, vocabulary) must match the source run's")
+                f"{tuple(target[name].shape)} in this model; the model sizes and block options (model.d_model, "
+                f"model.n_layers, model.ffn_mult / ffn_hidden / ffn, model.n_kv_heads, model.head_dim, "
+                f"model.max_seq_len, vocabulary) must match the source run's")
     copied = [n for n in target if n in source]
     if not copied:
         raise InitFromError(f"{path} shares no weight name with this model: it is not a checkpoint of this "

@@ -5,7 +5,13 @@
     cache = KVCache(len(model.blocks))             # incremental decoding (pkmlm/eval/sampling.py):
     logits = model(prompt, cache); logits = model(next_token, cache)   # each call sees all earlier tokens
 
-Pre-LayerNorm blocks (attention, then FFN), learned positions, tied input/output embeddings.
+Pre-norm blocks (attention, then FFN). The defaults are the 2019 transformer (LayerNorm, learned positions, GELU
+FFN, biases, tied input/output embeddings); `config.model` switches each part to its Llama/Qwen counterpart
+(RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, q/k RMSNorm, an untied output layer):
+docs/config.md. Parameter names stay the same across variants: ln1/ln2/ln_f/after_norm are the norms (LayerNorm
+or RMSNorm), attn.qkv the fused q, k, v projection (rows: n_heads query heads, then n_kv_heads key heads, then
+n_kv_heads value heads, each head_size rows), attn.proj the output projection, ffn.fc the up projection, ffn.gate
+SwiGLU's gate, ffn.proj the down projection, lm_head the untied output layer.
 `config.memory.positions` puts memories into blocks, LAYER 0-based:
     "i:replace"   the memory instead of block i's FFN (Lample et al. 2019)
     "i:after"     an extra residual sub-layer, with its own LayerNorm, after block i
@@ -28,17 +34,28 @@ class KVCache:
     """Attention keys and values of the positions already seen, per block, for incremental decoding.
 
     Memory layers and FFNs work per token, so attention is the only part of a block that needs the past.
-    The model's learned positions make the cache hold at most max_seq_len positions; a caller that wants to
-    go on must start a new cache over a shorter window (see pkmlm.eval.sampling).
+    With learned positions the cache holds at most max_seq_len positions; a caller that wants to go on must
+    start a new cache over a shorter window (see pkmlm.eval.sampling). With RoPE the cache slides: each new
+    token attends to the last `window` positions (itself included; default: the model's max_seq_len), older
+    ones are dropped, and positions stay absolute (`position` keeps counting), so generation has no length limit.
     """
 
-    def __init__(self, n_layers: int):
-        self.keys: list[Tensor | None] = [None] * n_layers  # each (B, heads, S, d // heads)
+    def __init__(self, n_layers: int, window: int | None = None):
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.keys: list[Tensor | None] = [None] * n_layers  # each (B, kv_heads, S, head_size)
         self.values: list[Tensor | None] = [None] * n_layers
+        self.window = window
+        self.dropped = 0  # positions slid out of the window (RoPE only)
 
     def __len__(self) -> int:
         """Positions held (S)."""
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    @property
+    def position(self) -> int:
+        """Absolute position of the next token: positions held plus positions dropped."""
+        return self.dropped + len(self)
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add the new positions' k, v (B, heads, T, dh) of block `layer`; return all of them (B, heads, S+T, dh)."""
@@ -47,45 +64,121 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def slide(self, window: int) -> None:
+        """Keep the last window - 1 positions of every layer: all the next token may attend to besides itself."""
+        drop = len(self) - (window - 1)
+        if drop > 0:
+            self.keys = [k[:, :, drop:] for k in self.keys]
+            self.values = [v[:, :, drop:] for v in self.values]
+            self.dropped += drop
+
+
+class RMSNorm(nn.Module):
+    """(..., dim) -> (..., dim): x / sqrt(mean(x**2) + eps) * weight, computed in fp32 (Llama's convention)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: Config, dim: int) -> nn.Module:
+    """model.norm over the last `dim` features: LayerNorm (its shift only with model.bias) or RMSNorm."""
+    m = config.model
+    if m.norm == "rmsnorm":
+        return RMSNorm(dim, m.norm_eps)
+    return nn.LayerNorm(dim, eps=m.norm_eps, bias=m.bias)
+
+
+def rope_cos_sin(positions: Tensor, head_size: int, theta: float) -> tuple[Tensor, Tensor]:
+    """positions (T,) -> cos, sin (T, head_size) in fp32, for rotate-half RoPE (transformers' Llama layout):
+    frequency i (i < head_size/2) is theta**(-2i/head_size) and drives dimensions i and i + head_size/2."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=positions.device).float() / head_size))
+    with torch.autocast(positions.device.type, enabled=False):
+        angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_size / 2)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, heads, T, dh) rotated by its positions' angles: x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
 
 class CausalSelfAttention(nn.Module):
-    """(B, T, d) -> (B, T, d): multi-head self-attention where position t sees positions <= t."""
+    """(B, T, d) -> (B, T, d): multi-head self-attention where position t sees positions <= t.
 
-    def __init__(self, d_model: int, n_heads: int, attn_dropout: float):
+    n_kv_heads < n_heads: grouped-query attention, key/value head j serves query heads j*g .. j*g+g-1
+    (g = n_heads / n_kv_heads). Optional per-head RMSNorm of q and k, then RoPE, before the dot products.
+    """
+
+    def __init__(self, config: Config):
         super().__init__()
-        self.n_heads, self.attn_dropout = n_heads, attn_dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        m = config.model
+        self.n_heads, self.n_kv_heads, self.head_size = m.n_heads, m.kv_heads(), m.head_size()
+        self.attn_dropout = m.attn_dropout
+        qkv_bias = m.bias if m.attn_qkv_bias is None else m.attn_qkv_bias
+        self.qkv = nn.Linear(m.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_size, bias=qkv_bias)
+        self.proj = nn.Linear(self.n_heads * self.head_size, m.d_model, bias=m.bias)
+        self.q_norm = RMSNorm(self.head_size, m.norm_eps) if m.attn_qk_norm else None
+        self.k_norm = RMSNorm(self.head_size, m.norm_eps) if m.attn_qk_norm else None
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """With `cache`, x holds the positions after the cached ones; their k, v are added to it."""
-        B, T, d = x.shape
-        # (B, T, 3d) -> three (B, heads, T, d // heads)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[Tensor, Tensor] | None = None, window: int | None = None) -> Tensor:
+        """With `cache`, x holds the positions after the cached ones; their k, v are added to it.
+        rope: (cos, sin) of x's positions, (T, head_size). window: the most keys a query sees (a sliding cache)."""
+        B, T, _ = x.shape
+        H, Hkv, dh = self.n_heads, self.n_kv_heads, self.head_size
+        # (B, T, (H + 2 Hkv) dh) -> (B, H, T, dh), (B, Hkv, T, dh), (B, Hkv, T, dh)
+        q, k, v = self.qkv(x).split([H * dh, Hkv * dh, Hkv * dh], dim=-1)
+        q, k, v = (t.view(B, T, -1, dh).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        past, mask = k.shape[2] - T, None
+        S = k.shape[2]
+        past, mask = S - T, None
         if past and T > 1:  # query i (absolute past + i) sees keys 0 .. past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if window is not None and S > window:  # ... and only the last `window` of them
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past) \
+                .triu(diagonal=past - window + 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
+                                           dropout_p=self.attn_dropout if self.training else 0.0,
+                                           enable_gqa=Hkv != H)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * dh))
 
 
 class FeedForward(nn.Module):
-    """(B, T, d) -> (B, T, d): Linear(d, ffn_mult*d), GELU, Linear back."""
+    """(B, T, d) -> (B, T, d): proj(act(fc(x))) with GELU (exact or tanh-approximated), or SwiGLU's
+    proj(silu(gate(x)) * fc(x)); hidden width config.model.ffn_width()."""
 
-    def __init__(self, d_model: int, ffn_mult: int):
+    def __init__(self, config: Config):
         super().__init__()
-        self.fc = nn.Linear(d_model, ffn_mult * d_model)
-        self.proj = nn.Linear(ffn_mult * d_model, d_model)
+        m = config.model
+        hidden = m.ffn_width()
+        self.kind = m.ffn
+        self.fc = nn.Linear(m.d_model, hidden, bias=m.bias)
+        self.gate = nn.Linear(m.d_model, hidden, bias=m.bias) if m.ffn == "swiglu" else None
+        self.proj = nn.Linear(hidden, m.d_model, bias=m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        if self.gate is not None:
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
 
 
 class Block(nn.Module):
-    """One pre-LayerNorm transformer block; (B, T, d) -> (B, T, d).
+    """One pre-norm transformer block; (B, T, d) -> (B, T, d).
 
     x += attn(ln1(x)); then x += ffn(h) + memory(h) with h = ln2(x), either term possibly absent
     ("replace": no FFN; "parallel": both); then, for "after", x += after_memory(after_norm(x)).
@@ -95,17 +188,19 @@ class Block(nn.Module):
                  after_memory: ProductKeyMemory | None = None):
         super().__init__()
         m = config.model
-        self.ln1 = nn.LayerNorm(m.d_model)
-        self.attn = CausalSelfAttention(m.d_model, m.n_heads, m.attn_dropout)
-        self.ln2 = nn.LayerNorm(m.d_model)
-        self.ffn = None if replace_ffn else FeedForward(m.d_model, m.ffn_mult)
+        self.ln1 = make_norm(config, m.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = make_norm(config, m.d_model)
+        self.ffn = None if replace_ffn else FeedForward(config)
         self.memory = memory
-        self.after_norm = nn.LayerNorm(m.d_model) if after_memory is not None else None
+        self.after_norm = make_norm(config, m.d_model) if after_memory is not None else None
         self.after_memory = after_memory
         self.dropout = nn.Dropout(m.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), cache, layer))
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[Tensor, Tensor] | None = None, window: int | None = None) -> Tensor:
+        """rope, window: see CausalSelfAttention.forward."""
+        x = x + self.dropout(self.attn(self.ln1(x), cache, layer, rope, window))
         h = self.ln2(x)
         if self.ffn is None:
             y = self.memory(h)
@@ -132,8 +227,9 @@ class TransformerLM(nn.Module):
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         m = config.model
         self.config, self.vocab_size, self.max_seq_len = config, vocab_size, m.max_seq_len
+        self.rope = m.position_encoding == "rope"
         self.tok_emb = nn.Embedding(vocab_size, m.d_model)
-        self.pos_emb = nn.Embedding(m.max_seq_len, m.d_model)
+        self.pos_emb = None if self.rope else nn.Embedding(m.max_seq_len, m.d_model)
         self.dropout = nn.Dropout(m.dropout)
 
         placements = config.memory.placements()
@@ -153,7 +249,8 @@ class TransformerLM(nn.Module):
             Block(config, memory_if(i, ("replace", "parallel")), replace_ffn=(i, "replace") in placements,
                   after_memory=memory_if(i, ("after",)))
             for i in range(m.n_layers))
-        self.ln_f = nn.LayerNorm(m.d_model)
+        self.ln_f = make_norm(config, m.d_model)
+        self.lm_head = None if m.tie_embeddings else nn.Linear(m.d_model, vocab_size, bias=False)
         self._init_weights()
 
     @staticmethod
@@ -191,7 +288,7 @@ class TransformerLM(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         residual_std = 0.02 / math.sqrt(2 * len(self.blocks))
-        for block in self.blocks:
+        for block in self.blocks:  # (RMSNorm weights start at one: not Linear or Embedding)
             for proj in (block.attn.proj, block.ffn.proj if block.ffn is not None else None):
                 if proj is not None:
                     nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
@@ -200,21 +297,38 @@ class TransformerLM(nn.Module):
         """idx (B, T) long token ids, T <= max_seq_len -> logits (B, T, vocab_size).
 
         With `cache` (a KVCache of len(blocks) layers, S positions), idx continues those S positions:
-        they sit at positions S .. S+T-1, attend to the cached ones, and are added to the cache.
+        they sit at positions S .. S+T-1, attend to the cached ones, and are added to the cache. Learned
+        positions bound S + T by max_seq_len; RoPE does not: the cache slides over the last `cache.window`
+        (default max_seq_len) positions.
         """
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a 2-D (batch, time) tensor of dtype torch.long, "
                              f"got {idx.dtype} of shape {tuple(idx.shape)}")
-        past = len(cache) if cache is not None else 0
+        past = cache.position if cache is not None else 0
         T = past + idx.shape[1]
-        if T > self.max_seq_len:
+        if (idx.shape[1] if self.rope else T) > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}; "
                              f"use a shorter data.bptt or a larger model.max_seq_len")
         pos = torch.arange(past, T, device=idx.device)
-        x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
+        rope, window = None, None
+        if self.rope:
+            m = self.config.model
+            rope = rope_cos_sin(pos, m.head_size(), m.rope_theta)
+            if cache is not None:
+                window = cache.window or self.max_seq_len
+                if window > self.max_seq_len:
+                    raise ValueError(f"cache window {window} exceeds model.max_seq_len={self.max_seq_len}")
+            x = self.dropout(self.tok_emb(idx))  # (B, T, d)
+        else:
+            x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
-        return F.linear(self.ln_f(x), self.tok_emb.weight)  # tied output embedding
+            x = block(x, cache, i, rope, window)
+        if window is not None:
+            cache.slide(window)
+        x = self.ln_f(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return F.linear(x, self.tok_emb.weight)  # tied output embedding
 
     def memories(self) -> list[tuple[str, ProductKeyMemory]]:
         """(module name, memory) for every memory, in layer order, e.g. ("blocks.2.memory", m)."""

@@ -38,7 +38,7 @@ class Zero(nn.Module):
         return torch.zeros_like(x)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_deep", "tiny_pkm", "tiny_pkm_parallel"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_deep", "tiny_pkm", "tiny_pkm_parallel", "llama_tiny_pkm"])
 def test_tiny_configs_forward_backward(name):
     model = build(load_config(CONFIGS / f"{name}.yaml"))
     idx = tokens(B=2, T=32)
