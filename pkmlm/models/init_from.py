@@ -8,17 +8,28 @@ dense model lacks, keep their own initialisation; weights only the source has (t
 are ignored. Names line up because memories are added as new modules (``blocks.{i}.memory``,
 ``blocks.{i}.after_memory``, ``blocks.{i}.after_norm``) next to the dense model's. Only weights are taken:
 optimizer state, step and data position start afresh.
+
+A memory the checkpoint does not have, placed ``parallel`` to an FFN or ``after`` a block, starts as an exact
+no-op, so the step-0 model computes the source model's function bit for bit (a retrofit starts where the
+pretrained model is): the last layer that writes its output is zeroed, the output projection ``out_proj``
+(Memory+ ``gated``, or ``v_dim`` != d_model), else the value table (as ``memory.value_init=zero``). Gradient
+reaches that zeroed layer at once, and the rest of the memory from the first update on, like LoRA's zero B.
+A ``replace`` memory keeps its own initialisation (it stands in for an FFN; nothing it could do is a no-op), and
+so does a table that a memory outside this rule also reads (shared values) or that lives in a file
+(``memory.values_file``: zeroing would rewrite all of it); the report says which memories were silenced.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pkmlm import checkpoint as ckpt
+from pkmlm.memory import ProductKeyMemory
 from pkmlm.memory.value_table import local_state
 
 
@@ -32,12 +43,14 @@ class InitReport:
     copied: list[str]  # in both, copied exactly
     new: list[str]  # only in the model: left as initialised (the memories)
     ignored: list[str]  # only in the source: not used
+    silenced: list[str] = field(default_factory=list)  # new parallel/after memories whose output starts at exactly zero (module names)
 
     def summary(self) -> str:
         def names(items):
             return ", ".join(items) if items else "none"
         return (f"init from {self.source}: copied {len(self.copied)} tensors; new {len(self.new)} "
-                f"({names(self.new)}); ignored {len(self.ignored)} ({names(self.ignored)})")
+                f"({names(self.new)}); ignored {len(self.ignored)} ({names(self.ignored)}); silenced "
+                f"{len(self.silenced)} memories, exact no-ops at step 0 ({names(self.silenced)})")
 
 
 def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, vocab_hash: str | None = None) -> InitReport:
@@ -63,5 +76,40 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, vocab_has
         raise InitFromError(f"{path} shares no weight name with this model: it is not a checkpoint of this "
                             "architecture")
     model.load_state_dict({n: source[n] for n in copied}, strict=False)  # in place: parameters keep their identity
-    return InitReport(source=str(path), copied=copied, new=[n for n in target if n not in source],
-                      ignored=[n for n in source if n not in target])
+    new = [n for n in target if n not in source]
+    return InitReport(source=str(path), copied=copied, new=new, ignored=[n for n in source if n not in target],
+                      silenced=silence_new_memories(model, set(new)))
+
+
+def silence_new_memories(model: nn.Module, new: set[str]) -> list[str]:
+    """Zero the output of every memory placed parallel or after whose weights are all in ``new`` (names of
+    model.state_dict()); returns their module names. See the module docstring for which layer is zeroed."""
+    memories = [(name, m) for name, m in model.named_modules() if isinstance(m, ProductKeyMemory)]
+    readers: dict[int, list[str]] = {}  # value table -> the memories that read it
+    for name, m in memories:
+        readers.setdefault(id(m.values.weight), []).append(name)
+    chosen = []
+    for name, m in memories:
+        parent = model.get_submodule(name.rpartition(".")[0])
+        beside_ffn = name.endswith(".after_memory") or getattr(parent, "ffn", None) is not None
+        if beside_ffn and all(f"{name}.{key}" in new for key in m.state_dict()):
+            chosen.append(name)
+    silenced = []
+    with torch.no_grad():
+        for name in chosen:
+            m = model.get_submodule(name)
+            if m.out_proj is not None:
+                m.out_proj.weight.zero_()
+                if m.out_proj.bias is not None:
+                    m.out_proj.bias.zero_()
+            elif set(readers[id(m.values.weight)]) <= set(chosen) and not _file_backed(m.values.weight):
+                m.values.weight.zero_()
+            else:
+                continue
+            silenced.append(name)
+    return silenced
+
+
+def _file_backed(weight: torch.Tensor) -> bool:
+    """A value table mapped from memory.values_file (or still its meta placeholder): never rewritten here."""
+    return weight.is_meta or not weight.untyped_storage().resizable()  # torch.from_file storage is fixed-size
