@@ -306,3 +306,52 @@ def test_hf_module_is_importable_without_transformers_for_safetensors(tmp_path, 
     report = import_pretrained(directory, tmp_path / "run")
     assert report.family == "gpt2"
     shutil.rmtree(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_imported_run_through_the_command_lines(tmp_path):
+    """import -> prepare --hf-tokenizer -> evaluate.py and generate.py --temperature 0 -> export: generate.py's
+    text is transformers' greedy continuation of the same prompt; evaluate.py's perplexity is transformers'."""
+    import subprocess
+    import sys
+
+    from pkmlm.data.prepare import MergeSettings, prepare
+
+    model, directory = saved(tmp_path, "llama")
+    assert cli.main(["import", str(directory), "--out", str(tmp_path / "run"), "--bptt", "16"]) == 0
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"{TEXTS[i % 3]} Document {i}.\n")
+    prepare(tmp_path / "data", inputs=[docs], workers=1, progress="off",
+            settings=MergeSettings(hf_tokenizer=str(tmp_path / "run" / "tokenizer"), valid="2", test="1"))
+
+    def python(*args):
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    table = python("evaluate.py", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--split", "valid",
+                   "--json", str(tmp_path / "eval.json"))
+    assert "run" in table
+    row = json.loads((tmp_path / "eval.json").read_text())[0]
+    from pkmlm.data.shards import open_split
+    from pkmlm.data.stream import eval_batches
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in eval_batches(open_split(tmp_path / "data" / "valid"), batch_size=4, bptt=16):
+            logits = model(inputs).logits
+            nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                     reduction="sum").item()
+            count += int((targets != -100).sum())
+    assert abs(row["valid_loss"] - nll / count) < 1e-5
+
+    text = python("generate.py", str(tmp_path / "run"), "--prompt", "Shares in", "--temperature", "0",
+                  "--max-new-tokens", "8").rstrip("\n")
+    tokenizer = load_tokenizer(tmp_path / "run" / "tokenizer")
+    prompt = [tokenizer.eos_id] + tokenizer.encode(["Shares in"])[0]
+    greedy = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=0,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    if greedy and greedy[-1] == 0:
+        greedy = greedy[:-1]
+    assert text == tokenizer.decode(prompt[1:] + greedy) and len(greedy) > 0  # generate.py drops the leading eos
