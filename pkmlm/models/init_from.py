@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pkmlm import checkpoint as ckpt
+from pkmlm.config import Config
 from pkmlm.memory import ProductKeyMemory
 from pkmlm.memory.value_table import local_state
 
@@ -43,7 +44,7 @@ class InitReport:
     copied: list[str]  # in both, copied exactly
     new: list[str]  # only in the model: left as initialised (the memories)
     ignored: list[str]  # only in the source: not used
-    silenced: list[str] = field(default_factory=list)  # new parallel/after memories whose output starts at exactly zero (module names)
+    silenced: list[str] = field(default_factory=list)  # new parallel/after memories, output zeroed at the start
 
     def summary(self) -> str:
         def names(items):
@@ -57,12 +58,14 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, vocab_has
     """Copy into ``model`` every weight of checkpoint ``path`` whose name it shares; returns what was done.
 
     vocab_hash: the training data's vocabulary; a checkpoint trained on another one is refused.
-    Raises InitFromError naming the parameter when a shared name has another shape.
+    Raises InitFromError naming the parameter when a shared name has another shape, or the model.* block option
+    (BLOCK_OPTIONS: norm, position_encoding, ffn, ...) that differs from the source's saved config.
     """
     path = Path(path)
     state = ckpt.load_checkpoint(path)
     if vocab_hash is not None:
         ckpt.check_vocab(state["vocab_hash"], vocab_hash, path)
+    _check_block_options(model, state, path)
     source, target = local_state(model, state["model"]), model.state_dict()  # sharded tables: this rank's columns
     for name in source.keys() & target.keys():
         if source[name].shape != target[name].shape:
@@ -79,6 +82,40 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, vocab_has
     new = [n for n in target if n not in source]
     return InitReport(source=str(path), copied=copied, new=new, ignored=[n for n in source if n not in target],
                       silenced=silence_new_memories(model, set(new)))
+
+
+# Options that change what the same weights compute without changing their shapes: a difference would load every
+# tensor and silently build another function (e.g. LayerNorm reading RMSNorm weights, RoPE weights without RoPE).
+BLOCK_OPTIONS = ("norm", "norm_eps", "position_encoding", "rope_theta", "ffn", "n_kv_heads", "head_dim", "bias",
+                 "attn_qkv_bias", "attn_qk_norm", "tie_embeddings")
+
+
+def _check_block_options(model: nn.Module, state: dict, path: Path) -> None:
+    config = getattr(model, "config", None)
+    if not isinstance(config, Config) or "config" not in state:
+        return
+    saved = Config.from_dict(state["config"], source=f"{path} (saved config)").model  # old files: defaults
+    for key in BLOCK_OPTIONS:
+        theirs, ours = _effective(saved, key), _effective(config.model, key)
+        if theirs != ours:
+            theirs, ours = getattr(saved, key), getattr(config.model, key)
+            raise InitFromError(f"cannot initialise from {path}: model.{key} is {theirs!r} there and {ours!r} in this "
+                                f"config; set model.{key}={_yaml(theirs)} (the block options must match the source's)")
+
+
+def _effective(m, key: str):
+    """The value a block option acts with (0 and null resolved), so equivalent spellings are not refused."""
+    if key == "n_kv_heads":
+        return m.kv_heads()
+    if key == "head_dim":
+        return m.head_size()
+    if key == "attn_qkv_bias":
+        return m.bias if m.attn_qkv_bias is None else m.attn_qkv_bias
+    return getattr(m, key)
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def silence_new_memories(model: nn.Module, new: set[str]) -> list[str]:

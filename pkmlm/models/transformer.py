@@ -14,7 +14,7 @@ n_kv_heads value heads, each head_size rows), attn.proj the output projection, f
 SwiGLU's gate, ffn.proj the down projection, lm_head the untied output layer.
 `config.memory.positions` puts memories into blocks, LAYER 0-based:
     "i:replace"   the memory instead of block i's FFN (Lample et al. 2019)
-    "i:after"     an extra residual sub-layer, with its own LayerNorm, after block i
+    "i:after"     an extra residual sub-layer, with its own norm, after block i
     "i:parallel"  memory and FFN of block i read the same normed input; outputs summed (Kim & Jung 2020)
 """
 from __future__ import annotations
@@ -152,9 +152,10 @@ class CausalSelfAttention(nn.Module):
         if window is not None and S > window:  # ... and only the last `window` of them
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past) \
                 .triu(diagonal=past - window + 1)
+        if Hkv != H:  # each key/value head serves its group of query heads
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
-                                           dropout_p=self.attn_dropout if self.training else 0.0,
-                                           enable_gqa=Hkv != H)
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * dh))
 
 
@@ -296,8 +297,8 @@ class TransformerLM(nn.Module):
     def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         """idx (B, T) long token ids, T <= max_seq_len -> logits (B, T, vocab_size).
 
-        With `cache` (a KVCache of len(blocks) layers, S positions), idx continues those S positions:
-        they sit at positions S .. S+T-1, attend to the cached ones, and are added to the cache. Learned
+        With `cache` (a KVCache of len(blocks) layers, S = cache.position positions seen), idx continues them:
+        its tokens sit at positions S .. S+T-1, attend to the cached ones, and are added to the cache. Learned
         positions bound S + T by max_seq_len; RoPE does not: the cache slides over the last `cache.window`
         (default max_seq_len) positions.
         """
@@ -306,9 +307,12 @@ class TransformerLM(nn.Module):
                              f"got {idx.dtype} of shape {tuple(idx.shape)}")
         past = cache.position if cache is not None else 0
         T = past + idx.shape[1]
-        if (idx.shape[1] if self.rope else T) > self.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}; "
+        length = idx.shape[1] if self.rope else T  # RoPE bounds one input, learned positions every position
+        if length > self.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={self.max_seq_len}; "
                              f"use a shorter data.bptt or a larger model.max_seq_len")
+        if cache is not None and cache.window is not None and not self.rope:
+            raise ValueError("a KVCache window slides RoPE positions only; with learned positions leave it None")
         pos = torch.arange(past, T, device=idx.device)
         rope, window = None, None
         if self.rope:

@@ -173,7 +173,9 @@ class Trainer:
                 self.values_file.restore(0)  # undoes the steps of an attempt that crashed before its first checkpoint
             return None
         state = ckpt.load_checkpoint(path)
-        steering = ckpt.check_resumable(state["config"], self.config.to_dict(), path)
+        # Keys added since the checkpoint was written take their defaults (which keep the old behaviour).
+        saved = Config.from_dict(state["config"], source=f"{path} (saved config)").to_dict()
+        steering = ckpt.check_resumable(saved, self.config.to_dict(), path)
         ckpt.check_vocab(state["vocab_hash"], self.train_data.vocab_hash, path)
         try:
             if self.values_file is not None:

@@ -172,6 +172,25 @@ def test_shape_mismatch_names_the_parameter(dense):
         init_from_checkpoint(_model(data_dir, ["1:parallel"], max_seq_len=16), path)
 
 
+@pytest.mark.parametrize("option, value, fix", [
+    ("norm", "rmsnorm", "model.norm=layernorm"),  # same weight shapes, another function: refused by name
+    ("position_encoding", "rope", "model.position_encoding=learned"),
+    ("ffn", "gelu_tanh", "model.ffn=gelu"),
+    ("norm_eps", 1e-6, "model.norm_eps=1e-05"),
+    ("attn_qkv_bias", False, "model.attn_qkv_bias=null"),
+])
+def test_other_block_options_are_refused(dense, option, value, fix):
+    data_dir, path = dense
+    with pytest.raises(InitFromError, match=rf"model.{option} is .* there and .* in this config; set {fix} "):
+        init_from_checkpoint(_model(data_dir, ["1:parallel"], **{option: value}), path)
+
+
+def test_equivalent_block_spellings_are_accepted(dense):
+    data_dir, path = dense  # the source has 0 = n_heads, 0 = d_model / n_heads, null = bias
+    report = init_from_checkpoint(_model(data_dir, ["1:parallel"], n_kv_heads=2, head_dim=8, attn_qkv_bias=True), path)
+    assert report.ignored == []
+
+
 def test_other_vocabulary_is_refused(dense):
     data_dir, path = dense
     with pytest.raises(CheckpointError, match="vocabulary v1 but the data has v2"):

@@ -242,6 +242,8 @@ def test_rope_cache_slides_beyond_max_seq_len():
         model(idx[:, :9])  # one input is still bounded by max_seq_len
     with pytest.raises(ValueError, match="cache window 9 exceeds"):
         model(idx[:, :2], KVCache(len(model.blocks), window=9))
+    with pytest.raises(ValueError, match="slides RoPE positions only"):
+        build(config())(idx[:, :2], KVCache(2, window=4))
 
 
 @torch.no_grad()
@@ -300,3 +302,56 @@ def test_invalid_options_are_one_line_config_errors(override, expected):
 def test_head_dim_lifts_the_divisibility_rule():
     assert config(n_heads=5, head_dim=8).model.head_size() == 8
     assert config(n_kv_heads=0).model.kv_heads() == 4
+
+
+# --- checkpoints from before these keys ----------------------------------------------------------------------
+
+def test_checkpoint_without_the_new_keys_resumes_and_evaluates(tmp_path, random_corpus):
+    from pkmlm.checkpoint import latest_checkpoint, load_checkpoint
+    from pkmlm.eval.evaluation import load_model
+    from pkmlm.training.trainer import train
+
+    random_corpus(tmp_path / "data", {"train": (20, 30), "valid": (20, 30)}, vocab=V, vocab_hash="v", eos_id=1)
+    raw = {"model": {"n_layers": 1, "d_model": 16, "n_heads": 2, "max_seq_len": 8},
+           "data": {"dir": str(tmp_path / "data"), "batch_size": 4, "bptt": 8},
+           "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2, "warmup_steps": 1, "eval_every": 2,
+                     "eval_batches": 1, "device": "cpu"}}
+    train(Config.from_dict(raw))
+    path = latest_checkpoint(tmp_path / "run")
+    state = load_checkpoint(path)
+    for key in ("norm", "norm_eps", "position_encoding", "rope_theta", "ffn", "ffn_hidden", "n_kv_heads",
+                "head_dim", "bias", "attn_qkv_bias", "attn_qk_norm", "tie_embeddings"):
+        del state["config"]["model"][key]  # as written before these keys existed
+    torch.save(state, path)
+    assert load_model(state, path, torch.device("cpu")).state_dict().keys() == state["model"].keys()
+    raw["train"]["max_steps"] = 3
+    assert train(Config.from_dict(raw), resume="latest").step == 3
+
+
+@pytest.mark.slow
+def test_llama_run_trains_evaluates_and_generates_past_max_seq_len(text_run, tmp_path, capsys):
+    """A Llama-style memory run end to end on real text: train, evaluate, and generate.py beyond max_seq_len."""
+    import sys
+
+    from conftest import text_run_config
+    from pkmlm.eval.evaluation import evaluate_checkpoint
+    from pkmlm.training.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import generate as generate_cli  # the script at the repository root
+
+    data_dir, _ = text_run
+    raw = text_run_config(data_dir, tmp_path / "run", max_steps=6, eval_every=6)
+    raw["model"].update(LLAMA, max_seq_len=16)  # = data.bptt: generation runs past it with a sliding cache
+    raw["memory"].update(positions=["1:parallel"], gated=True, qk_norm=True, query_batchnorm=False)
+    result = train(Config.from_dict(raw))
+    assert result.losses[6] < result.losses[1]
+    row = evaluate_checkpoint(tmp_path / "run", splits=["valid"])
+    assert row["valid_ppl"] > 1
+    common = [str(tmp_path / "run"), "--prompt", "The minister", "--max-new-tokens", "40", "--temperature", "1.0",
+              "--top-k", "0", "--top-p", "1.0"]
+    assert generate_cli.main(common) == 0
+    out = capsys.readouterr()
+    assert "40 new tokens in" in out.err  # 8 prompt + 40 new positions > max_seq_len 16
+    assert generate_cli.main([*common, "--no-cache"]) == 0
+    assert capsys.readouterr().out == out.out
