@@ -123,6 +123,17 @@ def test_import_refuses_what_it_cannot_map(tmp_path, capsys):
     assert "already holds checkpoints" in capsys.readouterr().err
 
 
+def test_import_refuses_scaled_rope(tmp_path):
+    """Llama 3.1's "llama3" RoPE scaling changes the frequencies: refused by name, not imported wrongly."""
+    _, directory = saved(tmp_path, "llama")
+    config = json.loads((directory / "config.json").read_text())
+    scaled = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    (directory / "config.json").write_text(json.dumps({**config, "rope_parameters": scaled}))
+    with pytest.raises(HFError, match="RoPE type 'llama3'"):
+        import_pretrained(directory, tmp_path / "run")
+
+
 def test_import_reads_sharded_safetensors_with_index(tmp_path):
     """A model saved in several shards with model.safetensors.index.json imports like a single file."""
     model = hf_model("llama")

@@ -31,7 +31,7 @@ from pkmlm.config import Config, ModelConfig
 from pkmlm.data.bpe import HFTokenizer, load_tokenizer
 from pkmlm.data.hf_tokenizer import save_hf_tokenizer
 from pkmlm.fileio import write_text_atomic
-from pkmlm.models.hf.families import FAMILIES, HFError, family_of, hf_config, native_family, to_hf
+from pkmlm.models.hf.families import HFError, family_of, hf_config, native_family, to_hf
 from pkmlm.models.transformer import TransformerLM
 
 MODELING = Path(__file__).with_name("modeling_pkmlm.py")
@@ -116,7 +116,7 @@ class ImportReport:
         m = self.config.model
         lines = [f"imported {self.source} ({self.family}): {m.n_layers} layers, d_model {m.d_model}, "
                  f"{m.n_heads} heads ({getattr(m, 'n_kv_heads', 0) or m.n_heads} kv), vocabulary {self.vocab_size}",
-                 f"model options: " + ", ".join(f"{k}={v}" for k, v in self.config.to_dict()["model"].items()),
+                 "model options: " + ", ".join(f"{k}={v}" for k, v in self.config.to_dict()["model"].items()),
                  f"mapped {len(self.mapped)} tensors; ignored {len(self.ignored)}"
                  + (f" ({', '.join(self.ignored[:6])}{' ...' if len(self.ignored) > 6 else ''})" if self.ignored else ""),
                  f"wrote {self.checkpoint}, {self.checkpoint.parent.parent / 'config.yaml'}, "
@@ -170,7 +170,8 @@ def import_pretrained(source: str | os.PathLike, out: str | os.PathLike, *, eos_
 
 
 def _model_section(options: dict, vocab_size: int, source) -> dict:
-    """pkmlm's model section: options equal to ModelConfig's defaults are dropped; others must exist."""
+    """pkmlm's model section of a family's options; an option ModelConfig lacks is an error unless it is the
+    value that leaving it out means (so a source that needs none also imports into an older ModelConfig)."""
     section = {"vocab_size": vocab_size}
     for key, value in options.items():
         if key in _MODEL_FIELDS:
@@ -225,7 +226,7 @@ def export_pretrained(model: TransformerLM, out: str | os.PathLike, *, tokenizer
     config = model.config
     sections = config.to_dict()
     m = sections["model"]
-    width = config.model.ffn_width() if hasattr(config.model, "ffn_width") else config.model.ffn_mult * m["d_model"]
+    width = config.model.ffn_width()
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     eos = tokenizer.eos_id if tokenizer is not None else None
     memories = model.memories()

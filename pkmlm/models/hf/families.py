@@ -1,9 +1,9 @@
 """Model families: how a transformers checkpoint's config and tensors map onto pkmlm's, and back.
 
-One `Family` per transformers `model_type`. `options(hf_config)` gives pkmlm's `model` section (a key is left out
-when it equals pkmlm's default, so the result also loads where an option is newer than the checkpoint's code),
-`to_pkmlm(hf_state, n_layers)` the state dict under pkmlm's parameter names (pkmlm.models.transformer), and
-`to_hf(state, model)` / `hf_config(model, vocab_size)` the way back for export. Names pkmlm uses: tok_emb, pos_emb,
+One `Family` per transformers `model_type`. `options(hf_config)` gives pkmlm's `model` section (block options of
+docs/config.md), `to_pkmlm(hf_state, section)` the state dict under pkmlm's parameter names
+(pkmlm.models.transformer) and the source names it used; `native_family`, `hf_config` and `to_hf` are the way
+back for export. Names pkmlm uses: tok_emb, pos_emb,
 blocks.i.{ln1, attn.qkv (q heads, then k heads, then v heads), attn.q_norm, attn.k_norm, attn.proj, ln2, ffn.fc
 (up), ffn.gate (SwiGLU), ffn.proj (down)}, ln_f, lm_head.
 """
