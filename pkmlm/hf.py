@@ -58,7 +58,11 @@ def main(argv=None) -> int:
             state = ckpt.load_checkpoint(path)
             config = Config.from_dict(state["config"], source=f"{path} (saved config)")
             root = Path(args.data_dir or config.data.dir)
-            codec = load_codec(root, vocab_hash=state["vocab_hash"])
+            try:
+                codec = load_codec(root, vocab_hash=state["vocab_hash"])
+            except DataError as e:
+                raise DataError(f"{e} (export writes the run's tokenizer: pass --data-dir with the data the run "
+                                "was trained on)") from None
             model = load_model(state, path, torch.device("cpu"))
             report = export_pretrained(model, args.out, tokenizer_dir=codec.tokenizer.directory,
                                        native=not args.remote_code)

@@ -240,6 +240,9 @@ def test_export_cli_round_trip_and_llama_native(tmp_path, capsys):
         assert (back(prompt_ids()).logits - model(prompt_ids()).logits).abs().max().item() < 1e-4
     assert cli.main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "run" / "tokenizer")
+    assert cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2
+    assert "pass --data-dir" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
