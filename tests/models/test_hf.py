@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from pkmlm.eval.sampling import generate  # noqa: E402
 from pkmlm.models.hf import HFError, export_pretrained, import_pretrained  # noqa: E402
 from pkmlm.models.transformer import TransformerLM  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
 TEXTS = ["The minister said the plan would work.\nShares rose.", "Shares in the company fell 5% on Monday.",
          "The government said no to the plan."]
@@ -341,7 +343,7 @@ def test_imported_run_through_the_command_lines(tmp_path):
             settings=MergeSettings(hf_tokenizer=str(tmp_path / "run" / "tokenizer"), valid="2", test="1"))
 
     def python(*args):
-        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -369,3 +371,37 @@ def test_imported_run_through_the_command_lines(tmp_path):
     if greedy and greedy[-1] == 0:
         greedy = greedy[:-1]
     assert text == tokenizer.decode(prompt[1:] + greedy) and len(greedy) > 0  # generate.py drops the leading eos
+
+
+@pytest.mark.slow
+def test_import_retrofit_export_chain(tmp_path):
+    """A pretrained llama imported, a Memory+ memory added parallel to an FFN and fine-tuned with train.py
+    --init-from, then exported: transformers (trust_remote_code) gives the fine-tuned pkmlm model's logits."""
+    import subprocess
+    import sys
+
+    from pkmlm.data.prepare import MergeSettings, prepare
+
+    _, directory = saved(tmp_path, "llama")
+    run = tmp_path / "run"
+    assert cli.main(["import", str(directory), "--out", str(run), "--bptt", "16"]) == 0
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(8):
+        (docs / f"{i}.txt").write_text(f"{TEXTS[i % 3]} Document {i}.\n")
+    prepare(tmp_path / "data", inputs=[docs], workers=1, progress="off",
+            settings=MergeSettings(hf_tokenizer=str(run / "tokenizer"), valid="1", test="1"))
+    overrides = [f"data.dir={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'ft'}", "train.max_steps=3",
+                 "train.warmup_steps=1", "train.eval_every=3", "data.batch_size=2", "memory.positions=[1:parallel]",
+                 "memory.n_keys=8", "memory.heads=2", "memory.knn=4", "memory.k_dim=16", "memory.gated=true"]
+    done = subprocess.run([sys.executable, "train.py", "--config", str(run / "config.yaml"), "--init-from",
+                           str(run / "checkpoints" / "step_0000000.pt"), *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert cli.main(["export", str(tmp_path / "ft"), "--out", str(tmp_path / "exp")]) == 0
+    tuned = load_trained(tmp_path / "ft")
+    assert tuned.step == 3 and tuned.model.memories()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", trust_remote_code=True,
+                                                           local_files_only=True)
+    with torch.no_grad():
+        assert (tuned.model(prompt_ids()) - hf(prompt_ids()).logits).abs().max().item() < 1e-5
