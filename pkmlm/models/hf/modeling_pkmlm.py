@@ -101,8 +101,10 @@ class Attention(nn.Module):
         past, mask = k.shape[2] - T, None
         if past and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past and T > 1,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        if self.n_kv != self.n_heads:  # grouped-query attention; SDPA's enable_gqa needs torch >= 2.5
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past and T > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.dh))
 
 
