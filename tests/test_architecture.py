@@ -24,7 +24,7 @@ LEVELS = {
     "models": 4,
     "eval": 5,
     "training": 6,
-    "inspect": 7,
+    "inspect": 7, "hf": 7,
 }
 
 

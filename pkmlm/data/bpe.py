@@ -26,7 +26,7 @@ from pkmlm.data import DataError
 from pkmlm.data.tokenize import MosesSettings, detokenize, tokenize
 from pkmlm.fileio import write_text_atomic
 
-BACKENDS = ("sentencepiece", "fastbpe")
+BACKENDS = ("sentencepiece", "fastbpe")  # learnt by prepare; "hf" (a pretrained model's own) is only reused
 UNK_ID, EOS_ID, NEWLINE_ID = 0, 1, 2
 SPECIAL = {"<unk>": UNK_ID, "</s>": EOS_ID, "<n>": NEWLINE_ID}
 META = "tokenizer.json"
@@ -232,7 +232,62 @@ class FastBPETokenizer(Tokenizer):
         return (" ".join(self.pieces[i] for i in ids) + " ").replace("@@ ", "").rstrip(" ")
 
 
-_CLASSES = {"sentencepiece": SentencePieceTokenizer, "fastbpe": FastBPETokenizer}
+class HFTokenizer(Tokenizer):
+    """A pretrained model's own tokenizer (the `tokenizers` library's `hf_tokenizer.json`), used as it is.
+
+    No Moses and no <n>: the model's tokenizer sees the raw text, line breaks included, and documents end with
+    the model's end-of-text token (`eos_id`, recorded in tokenizer.json). Written by pkmlm.data.hf_tokenizer.
+    """
+
+    backend = "hf"
+    files = {"tokenizer": "hf_tokenizer.json"}
+
+    def __init__(self, directory):
+        from tokenizers import Tokenizer as Fast
+
+        directory = Path(directory)
+        self.fast = Fast.from_file(str(directory / self.files["tokenizer"]))
+        size = self.fast.get_vocab_size(with_added_tokens=True)
+        super().__init__(directory, [self.fast.id_to_token(i) or "" for i in range(size)])
+        meta = directory / META
+        self.eos_id = json.loads(meta.read_text())["eos_id"] if meta.is_file() else 0
+        self.unk_id, self.newline_id = None, None
+
+    @property
+    def vocab_hash(self) -> str:
+        # The end-of-text id is part of the stream's meaning, so two choices of it are two vocabularies.
+        text = "\n".join([self.backend, f"eos={self.eos_id}", *self.pieces])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each raw text, as the model's tokenizer splits it (no special tokens added, no eos)."""
+        return [e.ids for e in self.fast.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, *, detokenized: bool = True) -> str:
+        """Text of `ids`; `eos_id` ends a document (a blank line between documents, trailing ones dropped)."""
+        docs, doc = [], []
+        for i in map(int, ids):
+            if i == self.eos_id:
+                docs.append(doc)
+                doc = []
+            else:
+                doc.append(i)
+        if doc:
+            docs.append(doc)
+        return "\n\n".join(self.fast.decode(d, skip_special_tokens=False) for d in docs)
+
+    def tokenize(self, text: str) -> str:
+        """The model's tokenizer takes raw text: unchanged."""
+        return text
+
+    def save_meta(self) -> None:
+        meta = {"format": META_FORMAT, "backend": self.backend, "files": self.files,
+                "vocab_size": self.vocab_size, "vocab_hash": self.vocab_hash, "eos_id": self.eos_id,
+                "eos_token": self.pieces[self.eos_id], "newline_id": None, "moses": self.moses.as_dict()}
+        write_text_atomic(self.directory / META, json.dumps(meta, indent=1))
+
+
+_CLASSES = {"sentencepiece": SentencePieceTokenizer, "fastbpe": FastBPETokenizer, "hf": HFTokenizer}
 
 
 def cpu_count() -> int:
@@ -246,7 +301,7 @@ def learn_tokenizer(backend: str, text_file, directory, vocab_size: int, seed: i
 
     `moses`: the settings `text_file` was tokenized with, recorded for `Tokenizer.tokenize`.
     """
-    if backend not in _CLASSES:
+    if backend not in BACKENDS:
         raise DataError(f"unknown BPE backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if vocab_size < 3:
         raise DataError(f"vocab size must be at least 3, got {vocab_size}")

@@ -4,6 +4,11 @@
     python -m pkmlm.data.prepare --input crawl/ --out data/news --tasks 256 --workers 32
     python -m pkmlm.data.prepare --input crawl/ --out /shared/news --tasks 2000 \\
         --executor slurm --partition cpu --time 4:00:00
+    python -m pkmlm.data.prepare --corpus bbc_news --out data/bbc_smollm2 --hf-tokenizer SmolLM2.gguf
+
+With --hf-tokenizer (a transformers model directory or a .gguf file) the text is not Moses-tokenized and no BPE
+is learnt: the pretrained model's own tokenizer encodes the raw text, and each document ends with the model's
+end-of-text token (pkmlm.data.hf_tokenizer).
 
 Two stages. 1) Tasks, run by datatrove on local processes or as a Slurm job array: task i reads a
 contiguous range of the input files (sorted), drops empty documents and duplicates by hash, Moses-
@@ -25,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +44,7 @@ from datatrove.pipeline.base import PipelineStep
 from pkmlm import cli
 from pkmlm.data import DataError
 from pkmlm.data.bpe import BACKENDS, cpu_count, fast_binary, learn_tokenizer, load_tokenizer
+from pkmlm.data.hf_tokenizer import save_hf_tokenizer
 from pkmlm.data.corpora import CORPORA, SPLIT_MODES, ReadStats, _Reader, input_files, read_file
 from pkmlm.data.shards import DEFAULT_MAX_SHARD_TOKENS, write_split
 from pkmlm.data.tokenize import MosesSettings, tokenize
@@ -80,6 +87,7 @@ class Plan:
     text_field: str = "text"
     moses: dict = field(default_factory=lambda: MosesSettings().as_dict())
     max_documents: int | None = None
+    raw: bool = False                # --hf-tokenizer: documents kept as raw text (no Moses), one JSON line each
 
     @property
     def work(self) -> Path:
@@ -106,7 +114,7 @@ def split_ranges(sizes: list[int], tasks: int) -> list[list[int]]:
 
 
 def make_plan(out, *, inputs=None, corpus=None, split="file", text_field="text",
-              moses: MosesSettings = MosesSettings(), max_documents=None, tasks=None) -> Plan:
+              moses: MosesSettings = MosesSettings(), max_documents=None, tasks=None, raw=False) -> Plan:
     """The plan for `out`; the one already there when its settings are the same (resume)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -127,7 +135,7 @@ def make_plan(out, *, inputs=None, corpus=None, split="file", text_field="text",
     if tasks < 1:
         raise DataError(f"--tasks must be positive, got {tasks}")
     plan = Plan(str(out), [str(f.resolve()) for f in files], sizes, split_ranges(sizes, tasks),
-                corpus, split, text_field, moses.as_dict(), max_documents)
+                corpus, split, text_field, moses.as_dict(), max_documents, raw)
     path = plan.work / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -151,7 +159,8 @@ def _doc_hash(text: str) -> int:
 def run_task(plan: Plan, rank: int, *, show_progress: bool = False) -> dict:
     """Task `rank` of `plan`: writes tasks/RANK/{docs.txt, hashes.npy, nbytes.npy, stats.json}.
 
-    docs.txt: Moses-tokenized documents, paragraphs on lines, a blank line after each document.
+    docs.txt: Moses-tokenized documents, paragraphs on lines, a blank line after each document (plan.raw:
+    each raw document as one JSON string line instead, so that its own blank lines survive).
     The directory appears (renamed into place) only when complete.
     """
     lo, hi = plan.ranges[rank]
@@ -189,7 +198,7 @@ def run_task(plan: Plan, rank: int, *, show_progress: bool = False) -> dict:
                             stats["duplicates"] += 1
                             continue
                         seen.add(digest)
-                        text = tokenize(doc.text, moses)
+                        text = json.dumps(doc.text) if plan.raw else tokenize(doc.text, moses)
                         if not text:  # e.g. only control characters: nothing left after Moses
                             stats["empty"] += 1
                             continue
@@ -338,12 +347,23 @@ class MergeSettings:
     seed: int = 0
     bpe_sample_bytes: int = 100_000_000
     max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS
+    hf_tokenizer: str | None = None     # a pretrained model's tokenizer (directory or .gguf): no Moses, no BPE
+    eos_token: str | None = None        # with hf_tokenizer: the end-of-text token (default: see hf_tokenizer.py)
 
 
 def check_merge_settings(settings: MergeSettings) -> None:
     """Fail before the slow Moses stage, not after it."""
-    if settings.tokenizer is not None:
-        load_tokenizer(settings.tokenizer)
+    if settings.hf_tokenizer is not None:
+        if settings.tokenizer is not None:
+            raise DataError("--hf-tokenizer and --tokenizer both give the vocabulary: pass only one")
+        with tempfile.TemporaryDirectory() as tmp:  # reads it once now: a bad source fails before any work
+            save_hf_tokenizer(settings.hf_tokenizer, Path(tmp) / "tokenizer", settings.eos_token)
+    elif settings.eos_token is not None:
+        raise DataError("--eos-token chooses the end-of-text token of --hf-tokenizer: pass --hf-tokenizer too")
+    elif settings.tokenizer is not None:
+        if load_tokenizer(settings.tokenizer).backend == "hf":
+            raise DataError(f"--tokenizer {settings.tokenizer} is a pretrained model's tokenizer, which reads raw "
+                            f"text: pass it as --hf-tokenizer {settings.tokenizer}")
     else:
         if settings.bpe not in BACKENDS:
             raise DataError(f"unknown BPE backend {settings.bpe!r}: use one of {', '.join(BACKENDS)}")
@@ -364,7 +384,7 @@ def _task_documents(plan: Plan) -> Iterator[str]:
         with open(plan.task_dir(rank) / "docs.txt", encoding="utf-8", newline="\n") as f:
             for line in f:
                 if line == "\n":
-                    yield "".join(lines)[:-1]
+                    yield json.loads(lines[0]) if plan.raw else "".join(lines)[:-1]
                     lines = []
                 else:
                     lines.append(line)
@@ -378,7 +398,7 @@ def merge(plan: Plan, settings: MergeSettings, *, progress: str = "auto", every:
         raise DataError(f"{len(missing)} of {len(plan.ranges)} preparation tasks have not finished "
                         f"(first: task {missing[0]}): run the same command again to finish them")
     report = {"inputs": len(plan.files), "corpus": plan.corpus, "tasks": len(plan.ranges),
-              "moses": plan.moses, "seconds": {}}
+              "moses": None if plan.raw else plan.moses, "raw": plan.raw, "seconds": {}}
     start = time.perf_counter()
     # 1. Duplicates across tasks: keep each hash's first document in input order.
     totals: dict = {}
@@ -431,7 +451,10 @@ def merge(plan: Plan, settings: MergeSettings, *, progress: str = "auto", every:
     moses = MosesSettings(**plan.moses)
     tok_dir = work / "tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
-    if settings.tokenizer is not None:
+    if settings.hf_tokenizer is not None:
+        tokenizer = save_hf_tokenizer(settings.hf_tokenizer, tok_dir, settings.eos_token)
+        report["bpe_sample_bytes"] = 0
+    elif settings.tokenizer is not None:
         reused = load_tokenizer(settings.tokenizer)
         if reused.moses != moses:
             raise DataError(f"--tokenizer {settings.tokenizer} was prepared with Moses settings "
@@ -590,13 +613,15 @@ def _plan(out, inputs, corpus, split, text_field, moses, settings, max_documents
             raise DataError(f"{flag} must be positive, got {value}: leave it out for the default")
     check_merge_settings(settings)
     return make_plan(out, inputs=inputs, corpus=corpus, split=split, text_field=text_field,
-                     moses=moses, max_documents=max_documents, tasks=tasks)
+                     moses=moses, max_documents=max_documents, tasks=tasks,
+                     raw=settings.hf_tokenizer is not None)
 
 
 def summary(report: dict) -> str:
     lines = [f"{report['documents']} documents ({report['duplicates']} duplicates and "
              f"{report['empty']} empty dropped, {report['replaced_bytes']} invalid UTF-8 sequences "
-             f"replaced), {report['text_bytes'] / 1e6:.1f} MB of tokenized text"]
+             f"replaced), {report['text_bytes'] / 1e6:.1f} MB of {'raw' if report.get('raw') else 'tokenized'} "
+             "text"]
     problems = [f"{report[k]} {k.replace('_', ' ')}" for k in ("bad_lines", "missing_field") if report.get(k)]
     if report.get("truncated_files"):
         problems.append(f"{len(report['truncated_files'])} truncated gzip files (read up to the cut: "
@@ -645,6 +670,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="reuse this tokenizer (e.g. DATA_DIR/tokenizer of another corpus) "
                              "instead of learning one; --bpe and --vocab-size are then unused")
+    parser.add_argument("--hf-tokenizer", metavar="DIR_OR_GGUF",
+                        help="encode the raw text with this pretrained model's own tokenizer (a transformers "
+                             "model directory, a .gguf file, or RUN_DIR/tokenizer of an imported model): no "
+                             "Moses, no BPE learning; documents end with its end-of-text token")
+    parser.add_argument("--eos-token", metavar="TOKEN",
+                        help="with --hf-tokenizer: the token that ends each document (default: <|endoftext|> "
+                             "or <|end_of_text|> when the vocabulary has it, else the model's eos token)")
     parser.add_argument("--bpe-sample-bytes", type=int, default=100_000_000,
                         help="learn the BPE on a random sample of this many bytes of training text")
     parser.add_argument("--valid", default="0.05", help="held-out documents: a count (5000) or a "
@@ -679,7 +711,8 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     moses = MosesSettings(args.lang, args.lowercase, args.remove_accents)
     settings = MergeSettings(args.bpe, args.vocab_size, args.tokenizer, args.valid, args.test,
-                             args.seed, args.bpe_sample_bytes, args.max_shard_tokens)
+                             args.seed, args.bpe_sample_bytes, args.max_shard_tokens, args.hf_tokenizer,
+                             args.eos_token)
     common = dict(inputs=args.input, corpus=args.corpus, split=args.split_documents,
                   text_field=args.text_field, moses=moses, settings=settings,
                   max_documents=args.max_documents, tasks=args.tasks, workers=args.workers)
