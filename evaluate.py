@@ -24,6 +24,7 @@ from pkmlm.distributed import DistributedError, destroy_process_group, detect_en
 from pkmlm.eval.evaluation import EvaluationError, evaluate_checkpoint
 from pkmlm.fileio import write_text_atomic
 from pkmlm.memory.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.triton_kernels import mode as triton_mode
 
 # Markdown columns per memory (the JSON and CSV have every metric).
 MEMORY_COLUMNS = ("usage", "kl_counts", "kl_weights", "gini_weights", "slots_50", "slots_90", "slots_99")
@@ -41,12 +42,15 @@ def main(argv=None) -> int:
                         help="sequences per forward on each process (default: the training loop's)")
     parser.add_argument("--data-dir", help="prepared data directory (default: the data.dir saved in the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile (pays on long splits; tokens/s includes compiling)")
     args = parser.parse_args(argv)
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
 
     env = detect_env()
     try:
-        kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+        kernels_enabled()  # a bad PKMLM_CPU_KERNELS (or PKMLM_TRITON) is reported before any work
+        triton_mode()
         if not splits:
             raise EvaluationError("--split is empty: give split names, e.g. --split valid,test")
         for flag, out in (("--json", args.json), ("--csv", args.csv)):
@@ -57,7 +61,8 @@ def main(argv=None) -> int:
         init_process_group(env, device)
         try:
             rows = [evaluate_checkpoint(p, splits=splits, data_dir=args.data_dir, batch_size=args.batch_size,
-                                        per_head=args.per_head, device=device) for p in args.paths]
+                                        per_head=args.per_head, device=device, compile=args.compile)
+                    for p in args.paths]
         finally:
             destroy_process_group()
     except (EvaluationError, CheckpointError, ConfigError, DataError, DistributedError, KernelsError) as e:

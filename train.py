@@ -19,6 +19,7 @@ from pkmlm.data import DataError
 from pkmlm.distributed import DistributedError, detect_env
 from pkmlm.eval.evaluation import perplexity
 from pkmlm.memory.kernels import KernelsError, enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.triton_kernels import mode as triton_mode
 from pkmlm.memory.values_file import ValuesFileError
 from pkmlm.models.init_from import InitFromError
 from pkmlm.training.parallel import PREEMPTED_EXIT_CODE
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
         args.overrides.append(args.resume)
         args.resume = "latest"
     try:
-        kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+        kernels_enabled()  # a bad PKMLM_CPU_KERNELS (or PKMLM_TRITON) is reported before any work
+        triton_mode()
         config = load_config(args.config, args.overrides)
         if args.print_config:
             print(config.to_yaml(), end="")

@@ -109,6 +109,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     keep_best: bool = False  # also keep checkpoints/best.pt, the lowest validation loss seen
     dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run on every rank
+    compile: bool = False  # the training forward and backward compiled with torch.compile (docs/config.md)
 
 
 @dataclass
@@ -400,6 +401,10 @@ def _problems(c: Config):
         elif t.keep_best:
             yield "memory.values_file", ("cannot be combined with train.keep_best=true (the file holds the newest "
                                          "checkpoint's table only); set train.keep_best=false")
+    if t.compile and mem.positions and (mem.shard_values or mem.values_file):
+        key = "memory.shard_values" if mem.shard_values else "memory.values_file"
+        yield "train.compile", (f"true with {key} set: a sharded or file-backed value table is not compiled yet; "
+                                f"set train.compile=false, or unset {key}")
     if mem.reinit_every > 0 and not mem.positions:
         yield "memory.reinit_every", f"{mem.reinit_every} but the model has no memory (memory.positions is empty)"
     if mem.key_init not in KEY_INITS:

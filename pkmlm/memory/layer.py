@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.memory import kernels, triton_kernels
-from pkmlm.memory.sparse import row_sparse_grad
+from pkmlm.memory.sparse import row_sparse, row_sparse_grad
 
 KEY_INITS = ("uniform", "normal", "orthogonal")
 VALUE_INITS = ("normal", "zero")
@@ -44,6 +44,19 @@ def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True, init: str 
     else:
         nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
     return table
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile(model): the compiled model, sharing `model`'s parameters and state_dict keys (call the result,
+    keep using `model` for state_dict, metrics and saving).
+
+    First settles, outside any trace, which kernels the memory layers run (building the compiled CPU kernels and
+    registering their fake kernels; looking Triton up), so the trace sees plain decisions: a memory layer then
+    compiles into one graph with no graph break, its value table's gradient still row-sparse.
+    """
+    kernels.available()
+    triton_kernels.available()
+    return torch.compile(model)
 
 
 def candidate_pairs(knn: int) -> tuple[Tensor, Tensor]:
@@ -469,9 +482,7 @@ def _value_read_context(ctx, inputs, output):
 def _value_read_grads(ctx, grad_out):
     table, indices, weights = ctx.saved_tensors
     rows, row_grads, grad_weights = torch.ops.pkmlm.value_read_backward(grad_out, table, indices, weights)
-    grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, table.shape, is_coalesced=True,
-                                         check_invariants=False)
-    return grad_table, None, grad_weights
+    return row_sparse(rows, row_grads, table.shape), None, grad_weights
 
 
 _value_read.register_autograd(_value_read_grads, setup_context=_value_read_context)

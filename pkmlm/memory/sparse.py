@@ -6,8 +6,10 @@ step read. Autograd drops its "coalesced" flag even when its rows are already un
 
 from __future__ import annotations
 
-from torch import Tensor
+import sys
+
 import torch
+from torch import Tensor
 
 
 def coalesce_rows(grad: Tensor) -> Tensor:
@@ -43,7 +45,38 @@ def row_sparse_grad(indices: Tensor, weights: Tensor, grad_out: Tensor, shape) -
     own sparse gradient would hold N * R rows and leave the summing to a costly coalesce).
     """
     rows, row_grads = torch.ops.pkmlm.row_grads(indices, weights, grad_out, shape[0])
+    return row_sparse(rows, row_grads, shape)
+
+
+def row_sparse(rows: Tensor, row_grads: Tensor, shape) -> Tensor:
+    """The row-sparse gradient (shape) holding row_grads (U, dim) at the unique increasing rows (U,), coalesced.
+
+    Built inside a memory layer's backward, also when torch.compile traces it (see _inductor_sparse_outputs).
+    """
+    if "torch._inductor.fx_utils" in sys.modules:  # inductor loaded: this backward may be compiled
+        _inductor_sparse_outputs()
     return torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, shape, is_coalesced=True, check_invariants=False)
+
+
+def _inductor_sparse_outputs() -> None:
+    """Let inductor compile a backward whose output is a sparse gradient.
+
+    Inductor (torch 2.13) compiles and runs such a graph, except that one of its passes asks every node's fake
+    output for its storage, which a sparse tensor has not (NotImplementedError "Cannot access storage of
+    SparseTensorImpl"; PyTorch issue #170761, open). Its storage identity is only compared, so a sparse tensor
+    is given one of its own: it never shares storage with another node. Done once, and only when needed.
+    """
+    from torch._inductor import fx_utils
+
+    get_storage = fx_utils.get_storage
+    if getattr(get_storage, "pkmlm_sparse", False):
+        return
+
+    def sparse_safe_get_storage(t: Tensor) -> int:
+        return id(t) if t.layout != torch.strided else get_storage(t)
+
+    sparse_safe_get_storage.pkmlm_sparse = True
+    fx_utils.get_storage = sparse_safe_get_storage
 
 
 @torch.library.custom_op("pkmlm::row_grads", mutates_args=())

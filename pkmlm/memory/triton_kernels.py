@@ -30,6 +30,8 @@ import os
 import torch
 from torch import Tensor
 
+from pkmlm.memory.kernels import KernelsError
+
 ENV_VAR = "PKMLM_TRITON"
 MODES = ("auto", "0", "1")
 MAX_DIM = 8192  # value rows longer than this take the torch path (a program holds whole rows)
@@ -38,7 +40,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict[str, bool] = {}  # "importable": whether Triton is installed, looked up once
 
 
-class TritonError(ValueError):
+class TritonError(KernelsError):
     """`PKMLM_TRITON` holds something other than "auto", "0" or "1"."""
 
 

@@ -32,7 +32,7 @@ from pkmlm.eval.evaluation import evaluate_split, histogram_metrics, perplexity,
 from pkmlm.eval.sampling import ValidationSamples
 from pkmlm.eval.textcodec import load_codec
 from pkmlm.fileio import write_text_atomic
-from pkmlm.memory import value_table as VT, values_file as vfile
+from pkmlm.memory import compile_model, value_table as VT, values_file as vfile
 from pkmlm.memory.sparse import coalesce_rows
 from pkmlm.models.init_from import init_from_checkpoint
 from pkmlm.models.transformer import TransformerLM
@@ -438,6 +438,8 @@ class Trainer:
                 ddp_model = P.wrap_model(self.model, self.env, self.device, sparse_params=self.sparse_params,
                                          sharded_params=[t.weight for t in self.sharded.values()],
                                          sync_batchnorm=t.sync_batchnorm)
+                if t.compile:  # only the training forward/backward: validation, samples and saving use self.model
+                    ddp_model = compile_model(ddp_model)
                 return self._loop(ddp_model, preemption)
             finally:
                 self.log.close()
