@@ -82,3 +82,4 @@ def text_run(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of several seconds or more (make test-fast skips them)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; scripts/gpu_check.sh runs them)")
