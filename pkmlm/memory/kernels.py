@@ -114,8 +114,8 @@ def _load() -> bool:
 
 
 def _register_tracing() -> None:
-    """Fake (shape-only) kernels for every op and the lookup's autograd, registered with torch.library so that
-    torch.compile traces a memory layer into one graph (no graph breaks) and these ops run inside it.
+    """Fake (shape-only) kernels for every op, registered with torch.library so that torch.compile can trace
+    them (pkmlm.memory.layer wraps the differentiable ones in custom ops with their autograd).
 
     The ops whose output size depends on the data (the distinct rows a read touched) get an unbacked size.
     """
@@ -151,19 +151,6 @@ def _register_tracing() -> None:
     @torch.library.register_fake(lib + "row_adam_")
     def _(weight, moments, step, rows, grads, lr, beta1, beta2, eps):
         return None
-
-    def lookup_context(ctx, inputs, output):
-        q, keys, _knn, _with_subkeys = inputs
-        ctx.save_for_backward(q, keys, output[1])
-
-    def lookup_backward(ctx, grad_scores, _slots, _subkeys):
-        # Each score's gradient goes to the two sub-keys it came from and to the query halves: only the
-        # selected sub-keys are touched.
-        q, keys, slots = ctx.saved_tensors
-        grad_q, grad_keys = torch.ops.pkmlm.pkm_lookup_backward(grad_scores.float().contiguous(), slots, q, keys)
-        return grad_q, grad_keys, None, None
-
-    torch.library.register_autograd(lib + "pkm_lookup", lookup_backward, setup_context=lookup_context)
 
 
 class _build_lock:

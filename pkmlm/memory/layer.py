@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.memory import kernels, triton_kernels
-from pkmlm.memory.sparse import row_sparse, row_sparse_grad
+from pkmlm.memory.sparse import inductor_sparse_outputs, row_sparse, row_sparse_grad
 
 KEY_INITS = ("uniform", "normal", "orthogonal")
 VALUE_INITS = ("normal", "zero")
@@ -56,6 +56,7 @@ def compile_model(model: nn.Module) -> nn.Module:
     """
     kernels.available()
     triton_kernels.available()
+    inductor_sparse_outputs()
     return torch.compile(model)
 
 
@@ -427,13 +428,39 @@ class ProductKeyMemory(nn.Module):
 
 def _compiled_lookup(q: Tensor, keys: Tensor, knn: int, with_subkeys: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """ProductKeyMemory._search by the compiled CPU kernel: q (N, heads, 2, half), keys (heads, 2, n_keys, half)
-    -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn) or None unless with_subkeys.
-
-    torch.ops.pkmlm.pkm_lookup has its fake kernel and autograd registered (pkmlm.memory.kernels): its backward
-    sends each score's gradient to the two sub-keys it came from and to the query halves only.
-    """
-    scores, slots, subkeys = torch.ops.pkmlm.pkm_lookup(q.contiguous(), keys.contiguous(), knn, with_subkeys)
+    -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn) or None unless with_subkeys."""
+    scores, slots, subkeys = torch.ops.pkmlm.lookup(q.contiguous(), keys.contiguous(), knn, with_subkeys)
     return scores, slots, subkeys if with_subkeys else None
+
+
+@torch.library.custom_op("pkmlm::lookup", mutates_args=())
+def _lookup(q: Tensor, keys: Tensor, knn: int, with_subkeys: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.ops.pkmlm.pkm_lookup as a custom op with autograd: its backward sends each score's gradient to the
+    two sub-keys it came from and to the query halves only. subkeys is (0, heads, 2, knn) unless with_subkeys."""
+    # Detached: the kernel's own matmuls must not see tensors that require grad.
+    return torch.ops.pkmlm.pkm_lookup(q.detach(), keys.detach(), knn, with_subkeys)
+
+
+@_lookup.register_fake
+def _(q, keys, knn, with_subkeys):
+    n, heads = q.shape[0], q.shape[1]
+    return (q.new_empty(n, heads, knn), q.new_empty(n, heads, knn, dtype=torch.long),
+            q.new_empty(n if with_subkeys else 0, heads, 2, knn, dtype=torch.long))
+
+
+def _lookup_context(ctx, inputs, output):
+    q, keys, _knn, _with_subkeys = inputs
+    ctx.save_for_backward(q, keys, output[1])
+
+
+def _lookup_grads(ctx, grad_scores, _slots, _subkeys):
+    q, keys, slots = ctx.saved_tensors
+    grad_q, grad_keys = torch.ops.pkmlm.pkm_lookup_backward(grad_scores.float().contiguous(), slots, q.detach(),
+                                                            keys.detach())
+    return grad_q, grad_keys, None, None
+
+
+_lookup.register_autograd(_lookup_grads, setup_context=_lookup_context)
 
 
 # The value read as torch.library custom ops: each has a fake kernel (shapes only) and its autograd registered,
@@ -447,7 +474,7 @@ def _value_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     embedding bag; its backward is one fused pass (value_read_backward)."""
     if triton_kernels.usable(table, weights):
         return triton_kernels.value_read(table, indices, weights)
-    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+    return F.embedding_bag(indices, table.detach(), per_sample_weights=weights.detach(), mode="sum")
 
 
 @_value_read.register_fake
@@ -464,8 +491,8 @@ def _value_read_backward(grad_out: Tensor, table: Tensor, indices: Tensor,
     CPU kernel (torch.ops.pkmlm.sparse_read_backward)."""
     if triton_kernels.usable(table, weights):
         return triton_kernels.value_read_backward(grad_out, table, indices, weights)
-    return torch.ops.pkmlm.sparse_read_backward(grad_out.contiguous(), table.contiguous(), indices.contiguous(),
-                                                weights.contiguous())
+    return torch.ops.pkmlm.sparse_read_backward(grad_out.contiguous(), table.detach().contiguous(),
+                                                indices.contiguous(), weights.detach().contiguous())
 
 
 @_value_read_backward.register_fake

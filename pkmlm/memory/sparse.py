@@ -51,14 +51,15 @@ def row_sparse_grad(indices: Tensor, weights: Tensor, grad_out: Tensor, shape) -
 def row_sparse(rows: Tensor, row_grads: Tensor, shape) -> Tensor:
     """The row-sparse gradient (shape) holding row_grads (U, dim) at the unique increasing rows (U,), coalesced.
 
-    Built inside a memory layer's backward, also when torch.compile traces it (see _inductor_sparse_outputs).
+    Built inside a memory layer's backward, also when torch.compile traces it (see inductor_sparse_outputs, which
+    runs here when inductor is loaded; pkmlm.memory.compile_model runs it before compiling).
     """
     if "torch._inductor.fx_utils" in sys.modules:  # inductor loaded: this backward may be compiled
-        _inductor_sparse_outputs()
+        inductor_sparse_outputs()
     return torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, shape, is_coalesced=True, check_invariants=False)
 
 
-def _inductor_sparse_outputs() -> None:
+def inductor_sparse_outputs() -> None:
     """Let inductor compile a backward whose output is a sparse gradient.
 
     Inductor (torch 2.13) compiles and runs such a graph, except that one of its passes asks every node's fake

@@ -126,3 +126,14 @@ def test_compile_refuses_sharded_or_file_backed_tables():
         config({"positions": ["1:replace"], "values_file": "values.bin"}, compile=True)
     with pytest.raises(ConfigError, match="train.compile"):
         config({"positions": ["1:replace"]}, compile="yes")
+
+
+def test_lookup_op_on_many_tokens_with_grad(cpu_path):
+    """The lookup op hands the kernel detached tensors: with several token blocks (parallel matmuls inside the
+    kernel) queries that require grad must not reach its matmuls (mm(): out= ... requires grad)."""
+    from pkmlm.memory import ProductKeyMemory
+
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(32, 32, n_keys=128, heads=4, knn=8, k_dim=32)
+    mem(torch.randn(2048, 32)).sum().backward()
+    assert mem.keys.grad is not None and mem.values.weight.grad.is_sparse
