@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pkmlm.config import Config, ConfigError
+from pkmlm.eval.evaluation import evaluate_checkpoint
 from pkmlm.memory import compile_model, kernels
 from pkmlm.models.transformer import TransformerLM
 from pkmlm.training.optim import make_optimizers
@@ -101,7 +102,7 @@ def test_compiled_training_matches_eager(variant, cpu_path):
 @pytest.mark.slow
 def test_train_compile_checkpoints_match_eager_and_resume_either_way(tmp_path, random_corpus):
     """train.compile=true: same losses as eager (1e-5), a checkpoint with the eager run's keys (no `_orig_mod.`),
-    and an eager resume of the compiled run's checkpoint."""
+    an eager resume of the compiled run's checkpoint, and evaluate --compile's loss equal to the eager one."""
     random_corpus(tmp_path / "data", {"train": (20, 40), "valid": (4, 40)}, vocab=VOCAB, vocab_hash="v", eos_id=1)
 
     def run(name, compile, steps=4, resume=None):
@@ -117,6 +118,9 @@ def test_train_compile_checkpoints_match_eager_and_resume_either_way(tmp_path, r
     assert saved["eager"].keys() == saved["compiled"].keys()
     resumed = run("compiled", False, steps=5, resume="latest")  # the compiled run, resumed eagerly
     assert resumed.step == 5 and list(resumed.losses) == [5]
+    # evaluate.py --compile: the same loss as the eager evaluation of the same checkpoint.
+    rows = [evaluate_checkpoint(tmp_path / "compiled", splits=["valid"], compile=c) for c in (False, True)]
+    assert abs(rows[0]["valid_loss"] - rows[1]["valid_loss"]) < 1e-5 and rows[0]["step"] == 5
 
 
 def test_compile_refuses_sharded_or_file_backed_tables():
