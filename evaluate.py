@@ -24,6 +24,7 @@ from pkmlm.distributed import (collective_errors, destroy_process_group, detect_
 from pkmlm.eval.evaluation import EvaluationError, evaluate_checkpoint
 from pkmlm.fileio import write_text_atomic
 from pkmlm.memory.kernels import enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.triton_kernels import mode as triton_mode
 
 # Markdown columns per memory (the JSON and CSV have every metric).
 MEMORY_COLUMNS = ("usage", "kl_counts", "kl_weights", "gini_weights", "slots_50", "slots_90", "slots_99")
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--qa", type=Path, metavar="FILE.jsonl",
                         help="also score these questions (python -m pkmlm.data.facts writes qa_test.jsonl): "
                              "exact-match accuracy of the greedy answer (qa_acc) and its log-likelihood (qa_logprob)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile (pays on long splits; tokens/s includes compiling)")
     args = parser.parse_args(argv)
     return cli.run(lambda: _run(args))
 
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     env = detect_env()
-    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS (or PKMLM_TRITON) is reported before any work
+    triton_mode()
     if not splits:
         raise EvaluationError("--split is empty: give split names, e.g. --split valid,test")
     for flag, out in (("--json", args.json), ("--csv", args.csv)):
@@ -62,7 +66,8 @@ def _run(args) -> int:
     try:
         with collective_errors():
             rows = [evaluate_checkpoint(p, splits=splits, data_dir=args.data_dir, batch_size=args.batch_size,
-                                        per_head=args.per_head, device=device, qa=args.qa) for p in args.paths]
+                                        per_head=args.per_head, device=device, qa=args.qa,
+                                        compile=args.compile) for p in args.paths]
     finally:
         destroy_process_group()
     if not env.is_main:

@@ -26,6 +26,7 @@ from pkmlm.eval.evaluation import load_trained
 from pkmlm.eval.sampling import SamplingError, check_options, generate
 from pkmlm.eval.threads import ThreadTuner
 from pkmlm.memory.kernels import available as load_kernels, enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.triton_kernels import mode as triton_mode
 
 
 def main(argv=None) -> int:
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS (or PKMLM_TRITON) is reported before any work
+    triton_mode()
     check_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p)
     if args.num_samples < 1:

@@ -18,6 +18,7 @@ from pkmlm.config import load_config
 from pkmlm.distributed import detect_env
 from pkmlm.eval.evaluation import perplexity
 from pkmlm.memory.kernels import enabled as kernels_enabled, retain_freed_memory
+from pkmlm.memory.triton_kernels import mode as triton_mode
 from pkmlm.training.parallel import PREEMPTED_EXIT_CODE
 from pkmlm.training.trainer import train
 
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    kernels_enabled()  # a bad PKMLM_CPU_KERNELS is reported before any work
+    kernels_enabled()  # a bad PKMLM_CPU_KERNELS (or PKMLM_TRITON) is reported before any work
+    triton_mode()
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(config.to_yaml(), end="")

@@ -66,6 +66,7 @@ STEERING_CHANGES = frozenset({
     "train.warmup_steps",
     "train.grad_clip",
     "train.precision",
+    "train.compile",  # same weights and state; compiled kernels round differently
 })
 
 

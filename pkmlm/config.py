@@ -158,6 +158,7 @@ class TrainConfig:
     background_tokens: int = 1_000_000  # slots: background tokens read (0: the whole train split)
     lora_rank: int = 8  # lora: rank of the adapters on attention and FFN projections
     lora_alpha: float = 16.0  # lora: adapters scaled by lora_alpha / lora_rank
+    compile: bool = False  # the training forward and backward compiled with torch.compile (docs/config.md)
 
 
 @dataclass
@@ -479,6 +480,10 @@ def _problems(c: Config):
         elif t.keep_best:
             yield "memory.values_file", ("cannot be combined with train.keep_best=true (the file holds the newest "
                                          "checkpoint's table only); set train.keep_best=false")
+    if t.compile and mem.positions and (mem.shard_values or mem.values_file):
+        key = "memory.shard_values" if mem.shard_values else "memory.values_file"
+        yield "train.compile", (f"true with {key} set: a sharded or file-backed value table is not compiled yet; "
+                                f"set train.compile=false, or unset {key}")
     if mem.reinit_every > 0 and not mem.positions:
         yield "memory.reinit_every", f"{mem.reinit_every} but the model has no memory (memory.positions is empty)"
     if mem.key_init not in KEY_INITS:

@@ -29,6 +29,7 @@ from pkmlm.data.shards import open_split
 from pkmlm.data.stream import eval_batches
 from pkmlm.eval.qa import QAError, encode_qa, load_qa, score_qa
 from pkmlm.eval.textcodec import TextCodec, load_codec
+from pkmlm.memory import compile_model
 from pkmlm.memory.metrics import memory_stats, per_head_stats
 from pkmlm.memory.value_table import local_state, sharded_tables
 from pkmlm.memory.values_file import ValuesFileError, attach, load_model_state
@@ -122,12 +123,13 @@ def load_trained(path: str | os.PathLike, *, data_dir: str | os.PathLike | None 
 
 def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir: str | None = None,
                         batch_size: int = 0, per_head: bool = False, device: torch.device | None = None,
-                        qa: str | os.PathLike | None = None) -> dict:
+                        qa: str | os.PathLike | None = None, compile: bool = False) -> dict:
     """One table row for the checkpoint (or newest checkpoint of the run directory) ``path``.
 
     splits: split names under the data directory (``data_dir``, default the saved ``data.dir``); memory metrics
     are measured on the first. batch_size: rows (B, bptt) per forward on each rank (0: the training loop's
     validation batch). qa: a QA .jsonl file (pkmlm/eval/qa.py) to score too: qa_acc, qa_logprob.
+    validation batch). compile: the forward compiled with torch.compile (tokens_per_s then includes compiling).
     Keys: docs/evaluation.md.
     """
     if not splits:
@@ -150,6 +152,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
         except QAError as e:
             raise EvaluationError(str(e)) from None
     model = load_model(state, path, device)
+    forward = compile_model(model) if compile else model  # metrics and counts read `model` itself
     world = D.world_size()
     rows_per_batch = batch_size or max(1, config.data.batch_size // (world * config.train.grad_accum))
 
@@ -167,7 +170,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
                 m.reset_usage()
         _sync(device)
         start = time.perf_counter()
-        loss, accuracy = evaluate_split(model, corpus, batch_size=rows_per_batch, bptt=config.data.bptt,
+        loss, accuracy = evaluate_split(forward, corpus, batch_size=rows_per_batch, bptt=config.data.bptt,
                                         precision=config.train.precision)
         _sync(device)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)

@@ -96,6 +96,7 @@ def _registered() -> bool:
 
 def _load() -> bool:
     if _registered():
+        _register_tracing()
         return True
     from torch.utils import cpp_extension
 
@@ -120,7 +121,48 @@ def _load() -> bool:
                       f"pure-torch code. Install a C++ compiler and ninja, or set {ENV_VAR}=0 to silence this.",
                       RuntimeWarning, stacklevel=3)
         return False
+    _register_tracing()
     return True
+
+
+def _register_tracing() -> None:
+    """Fake (shape-only) kernels for every op, registered with torch.library so that torch.compile can trace
+    them (pkmlm.memory.layer wraps the differentiable ones in custom ops with their autograd).
+
+    The ops whose output size depends on the data (the distinct rows a read touched) get an unbacked size.
+    """
+    if _build.get("tracing"):
+        return
+    _build["tracing"] = True
+    lib = "pkmlm::"
+
+    @torch.library.register_fake(lib + "pkm_lookup")
+    def _(q, keys, knn, with_subkeys):  # q (N, H, 2, half) -> scores, slots (N, H, knn), subkeys (N or 0, H, 2, knn)
+        n, h = q.shape[0], q.shape[1]
+        return (q.new_empty(n, h, knn), q.new_empty(n, h, knn, dtype=torch.long),
+                q.new_empty(n if with_subkeys else 0, h, 2, knn, dtype=torch.long))
+
+    @torch.library.register_fake(lib + "pkm_lookup_backward")
+    def _(grad_scores, slots, q, keys):
+        return torch.empty_like(q), torch.empty_like(keys)
+
+    @torch.library.register_fake(lib + "bag_weights_backward")
+    def _(grad_out, table, slots):
+        return grad_out.new_empty(slots.shape)
+
+    @torch.library.register_fake(lib + "row_sparse_grad")
+    def _(slots, weights, grad_out, num_rows):
+        rows = torch.library.get_ctx().new_dynamic_size()
+        return slots.new_empty(rows), grad_out.new_empty(rows, grad_out.shape[1])
+
+    @torch.library.register_fake(lib + "sparse_read_backward")
+    def _(grad_out, table, slots, weights):
+        rows = torch.library.get_ctx().new_dynamic_size()
+        return slots.new_empty(rows), grad_out.new_empty(rows, grad_out.shape[1]), grad_out.new_empty(slots.shape)
+
+    @torch.library.register_fake(lib + "row_adam_")
+    def _(weight, moments, step, rows, grads, lr, beta1, beta2, eps):
+        return None
 
 
 class _build_lock:

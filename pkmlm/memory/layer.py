@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.memory import kernels
-from pkmlm.memory.sparse import row_sparse_grad
+from pkmlm.memory import kernels, triton_kernels
+from pkmlm.memory.sparse import inductor_sparse_outputs, row_sparse, row_sparse_grad
 
 KEY_INITS = ("uniform", "normal", "orthogonal")
 VALUE_INITS = ("normal", "zero")
@@ -44,6 +44,20 @@ def make_value_table(n_keys: int, v_dim: int, *, sparse: bool = True, init: str 
     else:
         nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)
     return table
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile(model): the compiled model, sharing `model`'s parameters and state_dict keys (call the result,
+    keep using `model` for state_dict, metrics and saving).
+
+    First settles, outside any trace, which kernels the memory layers run (building the compiled CPU kernels and
+    registering their fake kernels; looking Triton up), so the trace sees plain decisions: a memory layer then
+    compiles into one graph with no graph break, its value table's gradient still row-sparse.
+    """
+    kernels.available()
+    triton_kernels.available()
+    inductor_sparse_outputs()
+    return torch.compile(model)
 
 
 def candidate_pairs(knn: int) -> tuple[Tensor, Tensor]:
@@ -256,7 +270,7 @@ class ProductKeyMemory(nn.Module):
         if q.dtype in (torch.bfloat16, torch.float16) and kernels.usable(keys):
             q = q.float()  # CPU autocast: the kernel searches the rounded queries exactly, in float32
         if kernels.usable(q, keys):
-            return _CompiledLookup.apply(q.flatten(2), keys, self.knn, with_subkeys)
+            return _compiled_lookup(q, keys, self.knn, with_subkeys)
         # (N, heads, 2, n_keys): each query half against its own sub-keys, all heads in one einsum.
         half_scores = torch.einsum("nhpd,hpkd->nhpk", q, keys.to(q.dtype))
         top_scores, top_ids = half_scores.topk(self.knn, dim=-1)  # (N, heads, 2, knn), sorted
@@ -438,88 +452,138 @@ class ProductKeyMemory(nn.Module):
                 + "".join(f", {o}" for o in options))
 
 
-class _CompiledLookup(torch.autograd.Function):
-    """ProductKeyMemory._search by the compiled CPU kernel: q (N, heads, k_dim), keys -> scores,
-    slots, sub-key ids (None unless with_subkeys). Its backward sends each score's gradient to the two
-    sub-keys it came from and to the query halves, so only the selected sub-keys are touched.
+def _compiled_lookup(q: Tensor, keys: Tensor, knn: int, with_subkeys: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """ProductKeyMemory._search by the compiled CPU kernel: q (N, heads, 2, half), keys (heads, 2, n_keys, half)
+    -> scores, slots (N, heads, knn), sub-key ids (N, heads, 2, knn) or None unless with_subkeys."""
+    scores, slots, subkeys = torch.ops.pkmlm.lookup(q.contiguous(), keys.contiguous(), knn, with_subkeys)
+    return scores, slots, subkeys if with_subkeys else None
+
+
+@torch.library.custom_op("pkmlm::lookup", mutates_args=())
+def _lookup(q: Tensor, keys: Tensor, knn: int, with_subkeys: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.ops.pkmlm.pkm_lookup as a custom op with autograd: its backward sends each score's gradient to the
+    two sub-keys it came from and to the query halves only. subkeys is (0, heads, 2, knn) unless with_subkeys."""
+    # Detached: the kernel's own matmuls must not see tensors that require grad.
+    return torch.ops.pkmlm.pkm_lookup(q.detach(), keys.detach(), knn, with_subkeys)
+
+
+@_lookup.register_fake
+def _(q, keys, knn, with_subkeys):
+    n, heads = q.shape[0], q.shape[1]
+    return (q.new_empty(n, heads, knn), q.new_empty(n, heads, knn, dtype=torch.long),
+            q.new_empty(n if with_subkeys else 0, heads, 2, knn, dtype=torch.long))
+
+
+def _lookup_context(ctx, inputs, output):
+    q, keys, _knn, _with_subkeys = inputs
+    ctx.save_for_backward(q, keys, output[1])
+
+
+def _lookup_grads(ctx, grad_scores, _slots, _subkeys):
+    q, keys, slots = ctx.saved_tensors
+    grad_q, grad_keys = torch.ops.pkmlm.pkm_lookup_backward(grad_scores.float().contiguous(), slots, q.detach(),
+                                                            keys.detach())
+    return grad_q, grad_keys, None, None
+
+
+_lookup.register_autograd(_lookup_grads, setup_context=_lookup_context)
+
+
+# The value read as torch.library custom ops: each has a fake kernel (shapes only) and its autograd registered,
+# so torch.compile traces a memory layer whole, and the table's row-sparse gradient (a sparse COO tensor built
+# from (rows, one summed row each)) comes out of the compiled backward as it does in eager mode.
+
+@torch.library.custom_op("pkmlm::value_read", mutates_args=())
+def _value_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """The fused value read: table (rows, v_dim), indices and weights (N, R) -> out (N, v_dim) =
+    sum_r weights[n, r] * table[indices[n, r]]. Triton on CUDA (pkmlm.memory.triton_kernels), else an
+    embedding bag; its backward is one fused pass (value_read_backward)."""
+    if triton_kernels.usable(table, weights):
+        return triton_kernels.value_read(table, indices, weights)
+    return F.embedding_bag(indices, table.detach(), per_sample_weights=weights.detach(), mode="sum")
+
+
+@_value_read.register_fake
+def _(table, indices, weights):
+    return table.new_empty(indices.shape[0], table.shape[1])
+
+
+@torch.library.custom_op("pkmlm::value_read_backward", mutates_args=())
+def _value_read_backward(grad_out: Tensor, table: Tensor, indices: Tensor,
+                         weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Both gradients of value_read in one pass over the reads sorted by slot, each table row read once:
+    the distinct rows read (U,) int64 increasing, their summed gradients (U, v_dim) (the table's row-sparse
+    gradient) and the weights' (N, R), grad_out[n] . table[indices[n, r]]. Triton on CUDA, else the compiled
+    CPU kernel (torch.ops.pkmlm.sparse_read_backward)."""
+    if triton_kernels.usable(table, weights):
+        return triton_kernels.value_read_backward(grad_out, table, indices, weights)
+    return torch.ops.pkmlm.sparse_read_backward(grad_out.contiguous(), table.detach().contiguous(),
+                                                indices.contiguous(), weights.detach().contiguous())
+
+
+@_value_read_backward.register_fake
+def _(grad_out, table, indices, weights):
+    rows = torch.library.get_ctx().new_dynamic_size()  # the distinct slots read: known only at run time
+    return indices.new_empty(rows), grad_out.new_empty(rows, table.shape[1]), weights.new_empty(indices.shape)
+
+
+def _value_read_context(ctx, inputs, output):
+    table, indices, weights = inputs
+    ctx.save_for_backward(table, indices, weights)
+
+
+def _value_read_grads(ctx, grad_out):
+    table, indices, weights = ctx.saved_tensors
+    rows, row_grads, grad_weights = torch.ops.pkmlm.value_read_backward(grad_out, table, indices, weights)
+    return row_sparse(rows, row_grads, table.shape), None, grad_weights
+
+
+_value_read.register_autograd(_value_read_grads, setup_context=_value_read_context)
+
+
+@torch.library.custom_op("pkmlm::row_sparse_route", mutates_args=())
+def _row_sparse_route(out: Tensor, table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """A copy of the values read, out (N, v_dim); its backward gives the table (rows, v_dim) a sparse gradient
+    holding one summed row per slot read (pkmlm.memory.sparse.row_sparse_grad), grad_out to out.
+
+    nn.EmbeddingBag(sparse=True) would instead emit one row per read (N * heads * knn rows: 67M floats for 2k
+    tokens at heads=4, knn=32) and leave the summing to the optimizer's coalesce, which costs more than the rest
+    of the step. indices, weights (N, R); table is an input only so that autograd routes its gradient here.
     """
-
-    @staticmethod
-    def forward(ctx, q, keys, knn, with_subkeys):
-        n, heads, k_dim = q.shape
-        q4 = q.detach().reshape(n, heads, 2, k_dim // 2).contiguous()
-        keys = keys.detach().contiguous()
-        scores, slots, subkeys = torch.ops.pkmlm.pkm_lookup(q4, keys, knn, with_subkeys)
-        ctx.save_for_backward(q4, keys, slots)
-        ctx.mark_non_differentiable(slots, subkeys)
-        return scores, slots, subkeys if with_subkeys else None
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_scores, _slots, _subkeys):
-        q4, keys, slots = ctx.saved_tensors
-        grad_q, grad_keys = torch.ops.pkmlm.pkm_lookup_backward(grad_scores.float().contiguous(), slots, q4, keys)
-        return grad_q.flatten(2), grad_keys, None, None
+    return out.clone()  # a custom op's output may not alias its input
 
 
-class _RowSparseGrad(torch.autograd.Function):
-    """Identity on the values read, (N, v_dim); its backward gives the table (rows, v_dim) a sparse
-    gradient holding one summed row per slot read.
-
-    nn.EmbeddingBag(sparse=True) would instead emit one row per read (N * heads * knn rows: 67M floats
-    for 2k tokens at heads=4, knn=32) and leave the summing to the optimizer's coalesce, which costs
-    more than the rest of the step. Here each read slot's row is an embedding bag over grad_out: the
-    tokens that read it, weighted by their softmax weights.
-    """
-
-    @staticmethod
-    def forward(ctx, out, table, indices, weights):
-        # indices, weights: (N, reads per token); table is an input only so that autograd routes
-        # its gradient here.
-        ctx.save_for_backward(indices, weights)
-        ctx.table_shape = table.shape
-        return out.view_as(out)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        indices, weights = ctx.saved_tensors
-        grad_table = row_sparse_grad(indices, weights, grad_out, ctx.table_shape)
-        return grad_out, grad_table, None, None
+@_row_sparse_route.register_fake
+def _(out, table, indices, weights):
+    return torch.empty_like(out)
 
 
-class _CompiledSparseRead(torch.autograd.Function):
-    """_sparse_read by the compiled kernels for a float32 CPU table: the forward is an embedding bag; the
-    backward one pass over the reads sorted by slot (torch.ops.pkmlm.sparse_read_backward) gives both the
-    table's row-sparse gradient (as _RowSparseGrad) and the weights' (grad_out . table[indices[n, r]]),
-    reading each table row once, in slot order, where two passes read the table rows at random.
-    """
+def _route_context(ctx, inputs, output):
+    _out, table, indices, weights = inputs
+    ctx.save_for_backward(indices, weights)
+    ctx.table_shape = table.shape
 
-    @staticmethod
-    def forward(ctx, table, indices, weights):
-        table, weights = table.detach(), weights.detach()
-        ctx.save_for_backward(table, indices, weights)
-        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        table, indices, weights = ctx.saved_tensors
-        rows, row_grads, grad_weights = torch.ops.pkmlm.sparse_read_backward(
-            grad_out.contiguous(), table.contiguous(), indices.contiguous(), weights.contiguous())
-        grad_table = torch.sparse_coo_tensor(rows.unsqueeze(0), row_grads, table.shape, is_coalesced=True,
-                                             check_invariants=False)
-        return grad_table, None, grad_weights
+def _route_grads(ctx, grad_out):
+    indices, weights = ctx.saved_tensors
+    return grad_out, row_sparse_grad(indices, weights, grad_out, ctx.table_shape), None, None
+
+
+_row_sparse_route.register_autograd(_route_grads, setup_context=_route_context)
 
 
 def _sparse_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     """sum_r weights[n, r] * table[indices[n, r]]: (N, v_dim), with a row-sparse gradient for the table (one
-    summed row per slot read) and a dense one for the weights."""
-    if indices.dtype == torch.long and kernels.usable(table, weights):
-        return _CompiledSparseRead.apply(table, indices, weights)
-    # The table is read without autograd; _RowSparseGrad gives it its gradient.
+    summed row per slot read) and a dense one for the weights.
+
+    The fused read (value_read) for a float32 CPU table with the compiled kernels, or a CUDA table with Triton
+    (pkmlm.memory.triton_kernels); otherwise an embedding bag, its table gradient by row_sparse_route.
+    """
+    if indices.dtype == torch.long and (kernels.usable(table, weights) or triton_kernels.usable(table, weights)):
+        return torch.ops.pkmlm.value_read(table, indices, weights)
+    # The table is read without autograd; row_sparse_route gives it its gradient.
     out = F.embedding_bag(indices, table.detach(), per_sample_weights=weights, mode="sum")
-    return _RowSparseGrad.apply(out, table, indices, weights.detach())
+    return torch.ops.pkmlm.row_sparse_route(out, table, indices, weights.detach())
 
 
 def _init_keys(shape: tuple[int, ...], scale: float, kind: str) -> Tensor:

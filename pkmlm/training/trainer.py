@@ -32,7 +32,7 @@ from pkmlm.eval.evaluation import evaluate_split, histogram_metrics, perplexity,
 from pkmlm.eval.sampling import ValidationSamples
 from pkmlm.eval.textcodec import load_codec
 from pkmlm.fileio import write_text_atomic
-from pkmlm.memory import value_table as VT, values_file as vfile
+from pkmlm.memory import compile_model, value_table as VT, values_file as vfile
 from pkmlm.memory.sparse import coalesce_rows
 from pkmlm.models.init_from import init_from_checkpoint
 from pkmlm.models.transformer import TransformerLM
@@ -487,6 +487,8 @@ class Trainer:
                                          sync_batchnorm=t.sync_batchnorm, parallel=t.parallel,
                                          precision=t.precision, optimizers=[self.optim.dense])
                 self.groups["dense"] = _params(self.optim.dense)  # FSDP replaced them with their shards
+                if t.compile:  # only the training forward/backward: validation, samples and saving use self.model
+                    ddp_model = compile_model(ddp_model)
                 return self._loop(ddp_model, preemption)
             finally:
                 self.log.close()

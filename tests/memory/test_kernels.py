@@ -414,8 +414,8 @@ def test_float64_memory_runs_torch_path(monkeypatch):
     torch.manual_seed(0)
     mem = ProductKeyMemory(8, 8, n_keys=10, heads=2, knn=4, k_dim=6).double()
     called = []
-    original = memory_mod._CompiledLookup.apply
-    monkeypatch.setattr(memory_mod._CompiledLookup, "apply", lambda *a: called.append(1) or original(*a))
+    original = memory_mod._compiled_lookup
+    monkeypatch.setattr(memory_mod, "_compiled_lookup", lambda *a: called.append(1) or original(*a))
     out = mem(torch.randn(2, 5, 8, dtype=torch.float64))
     out.sum().backward()
     assert out.dtype == torch.float64 and not called

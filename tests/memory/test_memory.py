@@ -438,7 +438,7 @@ def test_flat_memory_never_calls_the_compiled_lookup(monkeypatch):
     def boom(*args):
         raise AssertionError("the compiled product-key lookup was used for a flat memory")
 
-    monkeypatch.setattr(memory._CompiledLookup, "apply", boom)
+    monkeypatch.setattr(memory, "_compiled_lookup", boom)
     mem = ProductKeyMemory(6, 6, n_keys=8, heads=2, knn=4, k_dim=8, flat=True)
     mem(torch.randn(4, 6)).sum().backward()
     with pytest.raises(AssertionError, match="compiled"):
