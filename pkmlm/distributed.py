@@ -45,7 +45,7 @@ class DistributedError(UserError):
     """The launcher environment is inconsistent or incomplete."""
 
 
-class CollectiveMismatch(RuntimeError):
+class CollectiveMismatch(UserError, RuntimeError):
     """PKMLM_COLLECTIVE_CHECK found ranks entering different collectives, or a rank alone in one: a bug."""
 
 

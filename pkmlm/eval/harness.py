@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import yaml
 
+from pkmlm.cli import UserError
 from pkmlm.checkpoint import CheckpointError
 from pkmlm.config import ConfigError
 from pkmlm.data import DataError
@@ -46,7 +47,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED = ("pkmlm_facts_qa", "pkmlm_facts_qa_ll", "pkmlm_cloze", "pkmlm_text_ppl")
 
 
-class HarnessError(Exception):
+class HarnessError(UserError):
     """Bad harness input: lm-eval missing, an unknown task, a task without its data file."""
 
 

@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pkmlm.cli import UserError
 from pkmlm import distributed as D
 from pkmlm.data.facts import qa_prompt
 from pkmlm.eval.textcodec import TextCodec
 from pkmlm.precision import autocast
 
 
-class QAError(ValueError):
+class QAError(UserError, ValueError):
     """A QA file that cannot be used (missing, not JSON lines, a record without prompt or answer)."""
 
 

@@ -17,10 +17,12 @@ import re
 
 from torch import nn
 
+from pkmlm.cli import UserError
+
 LORA_TARGETS = re.compile(r"blocks\.\d+\.(attn|ffn)\..+")
 
 
-class LoraUnavailable(RuntimeError):
+class LoraUnavailable(UserError, RuntimeError):
     """peft is not installed."""
 
 

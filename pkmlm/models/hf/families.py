@@ -16,8 +16,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from pkmlm.cli import UserError
 
-class HFError(ValueError):
+
+class HFError(UserError, ValueError):
     """A source or target this module cannot convert: the message names what and the fix."""
 
 
