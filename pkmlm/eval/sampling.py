@@ -148,6 +148,7 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, window
                 break
             seq = torch.cat([seq, token.view(-1, 1).to(device)], dim=1)
     finally:
+        tuner.restore()
         model.train(was_training)
     return new
 
