@@ -315,7 +315,8 @@ def test_a_collective_that_rank_0_enters_alone_fails_at_once_naming_both_ranks(t
     (tmp_path / "worker.py").write_text(RANK0_SAMPLES_ALONE)
     proc = _launch(_torchrun(tmp_path / "worker.py", "--config", str(cfg)), "rank 0 sampling alone", timeout=180)
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if "CollectiveMismatch: ranks entered different" in line]
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith("error: ranks entered different collectives")]
     assert len(errors) == 2, proc.stderr[-4000:]  # one per rank
     for line in errors:
         rank0, rank1 = line.split("rank 0 at ", 1)[1].split("; rank 1 at ", 1)
