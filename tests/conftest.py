@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,13 @@ from pkmlm.training.trainer import train
 # together, so code that one rank runs alone fails at once, naming where each rank is, instead of hanging
 # (pkmlm/distributed.py: entering_collective).
 os.environ.setdefault("PKMLM_COLLECTIVE_CHECK", "1")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's master)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_random_corpus(root: Path, splits: dict[str, tuple[int, int]], *, vocab: int, vocab_hash: str,

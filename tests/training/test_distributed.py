@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 from pkmlm import distributed as D
 from pkmlm.training import parallel as P
 
+from conftest import free_port
+
 
 def _fake_scontrol(tmp_path, monkeypatch, hostnames="node-a\nnode-b\n"):
     """Put a fake `scontrol` first on PATH: it records its arguments and prints ``hostnames``."""
@@ -148,10 +150,7 @@ def _timeout_worker(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_process_group_timeout_fails_a_collective_instead_of_hanging(tmp_path):
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_timeout_worker, args=(port, str(tmp_path)), nprocs=2)
     seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert outcome != "returned" and 1.5 < float(seconds) < 30, outcome
@@ -252,10 +251,7 @@ def _check_worker(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_collective_check_names_where_each_rank_is(tmp_path):
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_check_worker, args=(port, str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [g["sum"] for g in got] == [3.0, 3.0]

@@ -11,7 +11,6 @@ import errno
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,8 @@ from pkmlm import checkpoint as ckpt, distributed as D
 from pkmlm.checkpoint import list_checkpoints, load_checkpoint
 from pkmlm.config import Config
 from pkmlm.training.trainer import train
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 64
@@ -60,11 +61,6 @@ def _env(**extra) -> dict:
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _errors(stderr: str) -> list[str]:
@@ -166,7 +162,7 @@ def _two_processes(tmp_path, script: str, config: dict, *, kill_rank_1_after: fl
     """
     (tmp_path / "worker.py").write_text(script)
     cfg = _config_file(tmp_path / "c.yaml", config)
-    port = str(_free_port())
+    port = str(free_port())
     logs = [open(tmp_path / f"rank{r}.err", "w+") for r in range(2)]
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), "--config", cfg], cwd=ROOT,
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",

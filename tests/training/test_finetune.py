@@ -141,8 +141,8 @@ def test_read_counts_are_the_slots_forward_reads():
     assert memory.take_read_counts().sum() == 0  # taking restarts the count
 
 
-def test_slots_update_only_the_selected_rows(dirs, tmp_path, monkeypatch):
-    _, _, pretrained = dirs
+def record_selections(monkeypatch) -> list[dict]:
+    """A list that each step's selected rows ({memory: rows}) are appended to, as FineTuning picks them."""
     selections = []
     original = FT.FineTuning.select_rows
 
@@ -150,6 +150,12 @@ def test_slots_update_only_the_selected_rows(dirs, tmp_path, monkeypatch):
         original(self)
         selections.append({k: v.clone() for k, v in self.selected.items()})
     monkeypatch.setattr(FT.FineTuning, "select_rows", recording)
+    return selections
+
+
+def test_slots_update_only_the_selected_rows(dirs, tmp_path, monkeypatch):
+    _, _, pretrained = dirs
+    selections = record_selections(monkeypatch)
     result = train(Config.from_dict(slots(dirs, tmp_path / "ft", max_steps=1)), init_from=pretrained)
     before, after = initial(pretrained), result.model.state_dict()
     tables = {"blocks.0.after_memory": "blocks.0.after_memory.values.weight", "blocks.1.memory": TABLE}
@@ -170,13 +176,7 @@ def test_slots_keep_untouched_rows_optimizer_state_and_resume_exactly(dirs, tmp_
     state2 = load_checkpoint(tmp_path / "cut/checkpoints/step_0000002.pt")
     # The background counts come from the cache: counting them again would see the fine-tuned weights.
     monkeypatch.setattr(FT, "background_reads", lambda *a, **k: pytest.fail("background counted again"))
-    selections = []
-    original = FT.FineTuning.select_rows
-
-    def recording(self):
-        original(self)
-        selections.append({k: v.clone() for k, v in self.selected.items()})
-    monkeypatch.setattr(FT.FineTuning, "select_rows", recording)
+    selections = record_selections(monkeypatch)
     rest = train(Config.from_dict(slots(dirs, tmp_path / "cut", max_steps=4)), resume="latest")
     assert rest.losses == {s: l for s, l in whole.losses.items() if s > 2}
     for (name, a), b in zip(whole.model.state_dict().items(), rest.model.state_dict().values()):

@@ -19,6 +19,8 @@ from pkmlm.data.shards import write_split
 from pkmlm.models.transformer import TransformerLM
 from pkmlm.training.trainer import TrainingError, clip_grad_norm_, train
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 64
 
@@ -472,12 +474,6 @@ NAN_ON_RANK1 = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_nonfinite_weights_on_one_rank_stop_every_rank(data_dir, tmp_path):
@@ -488,7 +484,7 @@ def test_nonfinite_weights_on_one_rank_stop_every_rank(data_dir, tmp_path):
     out = tmp_path / "run"
     cfg = _write_config(tmp_path / "c.yaml", tiny(data_dir, out, train={
         "max_steps": 4, "checkpoint_every": 1, "eval_every": 100, "dist_timeout_s": 120}))
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), "--config", cfg], cwd=ROOT,
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
