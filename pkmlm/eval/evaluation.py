@@ -129,7 +129,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, splits: list[str], data_dir:
     splits: split names under the data directory (``data_dir``, default the saved ``data.dir``); memory metrics
     are measured on the first. batch_size: rows (B, bptt) per forward on each rank (0: the training loop's
     validation batch). qa: a QA .jsonl file (pkmlm/eval/qa.py) to score too: qa_acc, qa_logprob.
-    validation batch). compile: the forward compiled with torch.compile (tokens_per_s then includes compiling).
+    compile: the forward compiled with torch.compile (tokens_per_s then includes compiling).
     Keys: docs/evaluation.md.
     """
     if not splits:
