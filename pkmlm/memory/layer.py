@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pkmlm.distributed import set_where_
 from pkmlm.memory import kernels, triton_kernels
 from pkmlm.memory.sparse import inductor_sparse_outputs, row_sparse, row_sparse_grad
 
@@ -380,8 +381,7 @@ class ProductKeyMemory(nn.Module):
             fresh = (fresh * 2 - 1) * half**-0.5
         else:
             fresh = torch.randn(int(mask.sum()), half, generator=generator, dtype=torch.float32) * (3 * half)**-0.5
-        keys = self.keys.data
-        keys[mask.to(keys.device)] = fresh.to(device=keys.device, dtype=keys.dtype)
+        set_where_(self.keys.data, mask, fresh.to(device=self.keys.device, dtype=self.keys.dtype))  # FSDP: sharded
 
     @staticmethod
     def _check_ids(ids: Tensor, size: int, name: str) -> Tensor:
