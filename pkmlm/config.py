@@ -536,10 +536,6 @@ def _problems(c: Config):
         yield "train.device", f"'{t.device}' (must be one of {', '.join(DEVICES)})"
     if t.parallel not in PARALLEL:
         yield "train.parallel", f"'{t.parallel}' (must be one of {', '.join(PARALLEL)})"
-    elif t.parallel == "fsdp" and mem.reinit_every > 0:
-        yield "train.parallel", ("fsdp cannot be combined with memory.reinit_every > 0 yet (re-initialising sub-keys "
-                                 "writes whole key tensors, which FSDP shards): use train.parallel=ddp, or set "
-                                 "memory.reinit_every=0")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
         yield from at_least(f"train.{name}", getattr(t, name), 1)
     yield from at_least("train.eval_batches", t.eval_batches, 0)

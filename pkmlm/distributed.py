@@ -308,3 +308,20 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def set_where_(tensor: torch.Tensor, where: torch.Tensor, values: torch.Tensor | float) -> None:
+    """``tensor[where] = values`` in place, also for a DTensor (FSDP2's sharded parameters and their Adam moments):
+    the whole tensor is gathered, written, and each rank keeps its own shard of it. where: a bool mask over
+    tensor's leading dims or a LongTensor of dim-0 indices; values: a scalar or one row per selected row.
+    Collective for a DTensor: every rank calls it with the same arguments (dead-slot re-initialisation draws the
+    same numbers on every rank)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(tensor, DTensor):
+        tensor[where.to(tensor.device)] = values
+        return
+    entering_collective()
+    whole = tensor.full_tensor()
+    whole[where.to(whole.device)] = values
+    tensor.to_local().copy_(distribute_tensor(whole, tensor.device_mesh, tensor.placements).to_local())

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pkmlm.distributed import set_where_
 from pkmlm.memory import kernels, triton_kernels
 from pkmlm.memory.sparse import inductor_sparse_outputs, row_sparse, row_sparse_grad
 
@@ -53,10 +54,16 @@ def compile_model(model: nn.Module) -> nn.Module:
     First settles, outside any trace, which kernels the memory layers run (building the compiled CPU kernels and
     registering their fake kernels; looking Triton up), so the trace sees plain decisions: a memory layer then
     compiles into one graph with no graph break, its value table's gradient still row-sparse.
+
+    Sets torch._dynamo.config.capture_dynamic_output_shape_ops for the process: the memory's backward ops
+    (value_read_backward, row_grads) return one row per distinct slot read, a size known only at run time, and
+    without that setting dynamo's shape environment refuses such ops (DynamicOutputShapeException), which dynamo
+    answers by running every graph holding a memory layer eagerly ("Backend compiler `inductor` failed"), silently.
     """
     kernels.available()
     triton_kernels.available()
     inductor_sparse_outputs()
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return torch.compile(model)
 
 
@@ -170,6 +177,9 @@ class ProductKeyMemory(nn.Module):
         # Flat keys use the sub-keys' scale too, so that flat and product scores have the same spread.
         self.keys = nn.Parameter(_init_keys(shape, half**-0.5, key_init), requires_grad=learn_keys)
         self.values = values
+        # True when other memories read `values` too (set by whoever shares it, e.g. TransformerLM): under
+        # torch.compile each such read starts a new graph (see _read).
+        self.shared_table = False
         self.value_dropout = nn.Dropout(value_dropout)
         self.gate_proj = nn.Linear(input_dim, v_dim, bias=False) if gated else None
         self.out_proj = nn.Linear(v_dim, output_dim) if gated or v_dim != output_dim else None
@@ -317,6 +327,11 @@ class ProductKeyMemory(nn.Module):
         if not isinstance(self.values, nn.EmbeddingBag):  # a table that reads itself (pkmlm/memory/value_table.py)
             out = self.values.read(indices, weights)
         elif self.values.sparse:
+            if self.shared_table and torch.is_grad_enabled() and torch.compiler.is_compiling():
+                # Inductor cannot add two sparse gradients inside a graph (torch 2.13: aten.add of sparse fake
+                # tensors fails), and a table read by several memories gets one per memory: one graph per reader,
+                # autograd adds their gradients outside.
+                torch._dynamo.graph_break()
             out = _sparse_read(table, indices, weights)
         else:
             out = self.values(indices, per_sample_weights=weights)
@@ -366,8 +381,7 @@ class ProductKeyMemory(nn.Module):
             fresh = (fresh * 2 - 1) * half**-0.5
         else:
             fresh = torch.randn(int(mask.sum()), half, generator=generator, dtype=torch.float32) * (3 * half)**-0.5
-        keys = self.keys.data
-        keys[mask.to(keys.device)] = fresh.to(device=keys.device, dtype=keys.dtype)
+        set_where_(self.keys.data, mask, fresh.to(device=self.keys.device, dtype=self.keys.dtype))  # FSDP: sharded
 
     @staticmethod
     def _check_ids(ids: Tensor, size: int, name: str) -> Tensor:

@@ -250,6 +250,9 @@ class TransformerLM(nn.Module):
             Block(config, memory_if(i, ("replace", "parallel")), replace_ffn=(i, "replace") in placements,
                   after_memory=memory_if(i, ("after",)))
             for i in range(m.n_layers))
+        if shared is not None and len(self.memories()) > 1:
+            for _, memory in self.memories():
+                memory.shared_table = True
         self.ln_f = make_norm(config, m.d_model)
         self.lm_head = None if m.tie_embeddings else nn.Linear(m.d_model, vocab_size, bias=False)
         self._init_weights()

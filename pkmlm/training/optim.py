@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from pkmlm.distributed import set_where_
 from pkmlm.memory import ProductKeyMemory, kernels
 from pkmlm.memory.sparse import summed_rows
 from pkmlm.memory.values_file import file_of
@@ -170,9 +171,8 @@ class Optimizers:
         state = self.dense.state.get(param)
         if not state:  # no step taken yet: every row is already fresh
             return
-        rows = rows.to(param.device)
         for name in ("exp_avg", "exp_avg_sq"):
-            state[name][rows] = 0
+            set_where_(state[name], rows, 0.0)  # a DTensor under FSDP
 
     def set_lr_factor(self, factor: float) -> None:
         for group in self._groups():
