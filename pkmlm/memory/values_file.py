@@ -275,10 +275,9 @@ class ValuesFile:
             for rows in _chunks(new):  # the files still hold these rows as of the checkpoint
                 steps = disk_steps[rows]
                 stepped = rows[steps > 0]  # rows never updated have zero moments: not read, not stored
-                self._journal.write(b"".join([
-                    struct.pack("<qq", rows.numel(), stepped.numel()), rows.numpy().tobytes(),
-                    disk_weight[rows].numpy().tobytes(), steps.numpy().tobytes(),
-                    disk_moments[stepped].numpy().tobytes()]))
+                for part in (struct.pack("<qq", rows.numel(), stepped.numel()), rows.numpy(),
+                             disk_weight[rows].numpy(), steps.numpy(), disk_moments[stepped].numpy()):
+                    self._journal.write(part if isinstance(part, bytes) else part.reshape(-1).view("u1").data)
                 for tensor in self._disk:  # keeps the process's resident file pages bounded
                     _advise(tensor, _MADV_DONTNEED, rows[0].item(), rows[-1].item() + 1)
                 _test_kill("journal")
