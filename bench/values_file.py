@@ -58,7 +58,7 @@ def main() -> None:
         table = make_value_table(args.n_keys, DIM, device="meta")
         layer = ProductKeyMemory(DIM, DIM, n_keys=args.n_keys, heads=HEADS, knn=KNN, k_dim=K_DIM, values=table)
         vf = vfile.attach(layer, args.values_file, writable=True, seed=0, cache_gb=args.cache_gb)
-        vf.restore(0)
+        vf.restore(vf.journal_step())  # fresh files: 0; kept ones (--keep): where the last run left them
     setup = time.perf_counter() - start
     opts = make_optimizers(layer, lr=1e-4, value_lr=1e-3)
     values = sum(p.numel() for p in layer.value_parameters())

@@ -99,6 +99,12 @@ class ValuesFile:
                           _map(self._adam, (rows, 2, dim), torch.float32, shared=True),
                           _map(self._step, (rows,), torch.int64, shared=True))
         self.cache_bytes = _half_the_ram() if cache_bytes is None else cache_bytes
+        if writable and self.bytes_needed() <= self.cache_bytes:
+            # All of it will be in RAM soon anyway: read it ahead now, sequentially (MADV_WILLNEED), instead
+            # of a 4 KB random read per page as steps first touch rows (measured: 18-25 s steps when a
+            # resumed 1.07B run read its moments that way).
+            for tensor in (self.weight, self.moments, self.step):
+                _advise(tensor, _MADV_WILLNEED)
         self._dirty = torch.zeros(rows, dtype=torch.bool)  # changed in the cache since the last write-back
         self._n_dirty = 0
         self._journaled = torch.zeros(rows, dtype=torch.bool)  # in the journal since the last checkpoint
@@ -400,7 +406,7 @@ def _map(path: Path, shape: tuple, dtype: torch.dtype, *, shared: bool) -> Tenso
     return mapped.view(shape)
 
 
-_MADV_RANDOM, _MADV_DONTNEED = 1, 4
+_MADV_RANDOM, _MADV_WILLNEED, _MADV_DONTNEED = 1, 3, 4
 
 
 def _advise(mapped: Tensor, advice: int, lo: int = 0, hi: int | None = None, *, inward: bool = False) -> None:
