@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from pkmlm.cli import UserError, file_in_the_way
 from pkmlm.fileio import fsync_dir, write_text_atomic
@@ -53,7 +52,6 @@ _MAGIC = b"PKMUNDO1"
 _CHUNK_ROWS = 1 << 16  # rows per write when a table is created or written back (page-aligned in every file)
 _KILL_ENV = "PKMLM_TEST_KILL_AT"  # tests: "POINT:N" SIGKILLs the process at the N-th pass through POINT
 _kill_counts: dict[str, int] = {}
-_FILES = WeakIdKeyDictionary()  # table parameter -> its ValuesFile
 
 
 class ValuesFileError(UserError):
@@ -62,7 +60,7 @@ class ValuesFileError(UserError):
 
 def file_of(param: Tensor) -> "ValuesFile | None":
     """The ValuesFile whose table is `param`, if any (RowAdam asks, to keep its state in the files)."""
-    return _FILES.get(param)
+    return getattr(param, "_values_file", None)
 
 
 class ValuesFile:
@@ -364,7 +362,9 @@ def attach(model: nn.Module, path: str | os.PathLike, *, writable: bool, seed: i
                     cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
     table.weight = nn.Parameter(vf.weight, requires_grad=writable)
     vf.weight = table.weight
-    _FILES[table.weight] = vf
+    # On the parameter, not in a registry keyed by it: the two refer to each other, a cycle the garbage
+    # collector frees (a weak-keyed registry whose value holds its key never would: the mapping leaked).
+    table.weight._values_file = vf
     return vf
 
 

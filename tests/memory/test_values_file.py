@@ -235,3 +235,21 @@ def test_sigkill_at_any_moment_resumes_bitwise(data_dir, tmp_path, one_thread):
             assert torch.equal(r_model[key], tensor), (kill_at, key)
         for key, s in dense["state"].items():
             assert all(torch.equal(r_dense["state"][key][k], v) for k, v in s.items()), (kill_at, key)
+
+
+def test_a_mapped_table_is_freed_with_its_model(tmp_path):
+    """The table's mapping must not outlive the model (else its pages stay mapped and resident)."""
+    import gc
+    import weakref
+
+    from pkmlm.memory import ProductKeyMemory, make_value_table
+    from pkmlm.memory.values_file import attach, file_of
+
+    layer = ProductKeyMemory(32, 32, n_keys=16, heads=2, knn=4, k_dim=16,
+                             values=make_value_table(16, 32, device="meta"))
+    vf = attach(layer, tmp_path / "v", writable=True)
+    assert file_of(layer.values.weight) is vf
+    alive = weakref.ref(vf)
+    del layer, vf
+    gc.collect()
+    assert alive() is None
