@@ -57,6 +57,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.parallel",
     # Checkpoints hold whole value tables either way; sharding changes only the order of float sums.
     "memory.shard_values",
+    # When changed rows reach the values file, not what they hold.
+    "memory.values_file_cache_gb",
 })
 # These change the trajectory from the resumed step on (the run is then no longer bit for bit the one it would
 # have been) but leave every saved state valid: what a diverged run is resumed with. The change is logged.

@@ -99,6 +99,7 @@ class MemoryConfig:
     reinit_every: int = 0  # steps between dead-slot re-initialisations (0: off); see pkmlm/training/reinit.py
     reinit_min_count: int = 1  # a slot read fewer times than this in the window is dead
     values_file: Optional[str] = None  # the value table and its Adam state in memory-mapped files here
+    values_file_cache_gb: Optional[float] = None  # RAM for rows changed between write-backs (None: half the RAM)
     # Memory+ and the papers' ablations (docs/config.md).
     gated: bool = False  # Memory+: out = W_o(read * silu(W_g x))
     qk_norm: bool = False  # cosine scores between query halves and sub-keys
@@ -463,6 +464,11 @@ def _problems(c: Config):
         yield from probability(f"memory.{name}", getattr(mem, name))
     yield from at_least("memory.reinit_every", mem.reinit_every, 0)
     yield from at_least("memory.reinit_min_count", mem.reinit_min_count, 1)
+    if mem.values_file_cache_gb is not None:
+        if mem.values_file is None:
+            yield "memory.values_file_cache_gb", "is set but memory.values_file is not (unset it, or set both)"
+        elif not mem.values_file_cache_gb > 0:
+            yield "memory.values_file_cache_gb", f"{mem.values_file_cache_gb} (must be > 0 GB, or null for half the RAM)"
     if mem.values_file is not None:
         tables = 1 if mem.share_values else len(mem.positions)
         if not mem.values_file.strip():

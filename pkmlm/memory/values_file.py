@@ -1,5 +1,6 @@
 """Memory value tables larger than RAM (`memory.values_file`): the table and its RowAdam state live in
-memory-mapped files, so only the rows a step touches are paged in and the kernel pages the rest out.
+files, mapped so that only the rows a step touches are paged in; steps run at RAM speed, the disk is
+written at write-backs (checkpoints, and when the write-back cache is full).
 
 Files, for `memory.values_file: PATH` (all next to each other):
     PATH        the table, (rows, v_dim) float32, initialised N(0, v_dim**-0.5) once, when created
@@ -7,17 +8,26 @@ Files, for `memory.values_file: PATH` (all next to each other):
                 so untouched rows cost no first-step pass (they read as zero pages)
     PATH.step   RowAdam's step count per row, (rows,) int64, allocated the same way
     PATH.json   shape and a random id (`uid`) that checkpoints record
-    PATH.undo   the undo journal: the rows changed since the last checkpoint, as they were then
+    PATH.undo   the undo journal: the rows written back since the last checkpoint, as they were then
 
-Consistency. Checkpoints do not copy the table: they fsync the files, record `uid`, and start a fresh
-journal based at their step. Before a step changes rows that the journal does not hold yet, their old
-table, moment and step values are appended to it and fsynced, then changed in place. Resuming from
-the checkpoint the journal is based at writes those rows back (the files return to that checkpoint
-exactly); a journal based at an older step is stale (nothing changed since the newer checkpoint); one
-based at a newer step means the files are past the checkpoint asked for, which is refused. Nothing
-is lost beyond what any crash loses: the steps since the last checkpoint. Cost: each row touched
-between two checkpoints is written once more (to the journal; its moments only if it was updated
-before), and one fsync per step that touches new rows. Evaluation maps the files copy-on-write and applies the journal to its private copy.
+The write-back cache. Training maps the three files copy-on-write (MAP_PRIVATE, MADV_RANDOM): the
+compiled kernels read and update the mapping in place; a page a step changes becomes the process's own
+(anonymous) memory and the files stay untouched. Rows changed since the last write-back are marked
+dirty. A write-back (at every checkpoint, and before a step whose rows would take the dirty rows past
+the cache bound, `memory.values_file_cache_gb`) appends the checkpoint-time contents of the dirty rows
+not journaled yet to the journal, fsyncs it, copies the dirty rows into the files (through a shared
+mapping) and drops the private pages (MADV_DONTNEED: later reads see the files' new contents).
+
+Consistency. Checkpoints do not copy the table: they write back, fsync the files, record `uid`, and
+start a fresh journal based at their step. Files change only at a write-back, after the old contents
+of the rows it writes are durable in the journal, so at any moment (mid-step, mid-write-back,
+mid-checkpoint) the files are the last checkpoint plus journaled rows. Resuming from the checkpoint the
+journal is based at writes those rows back (the files return to that checkpoint exactly); a journal
+based at an older step is stale (the newer checkpoint was durable before the journal was reset); one
+based at a newer step means the files are past the checkpoint asked for, which is refused. A crash
+loses the steps since the last checkpoint and nothing else. Evaluation maps the table copy-on-write
+and applies the journal to its private copy. The files' format is unchanged from the earlier design
+(the same files and journal records; only when rows reach the files differs).
 """
 
 from __future__ import annotations
@@ -27,20 +37,21 @@ import ctypes.util
 import json
 import os
 import shutil
+import signal
 import struct
 import uuid
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from pkmlm.cli import UserError, file_in_the_way
 from pkmlm.fileio import fsync_dir, write_text_atomic
 
 _MAGIC = b"PKMUNDO1"
-_CHUNK_ROWS = 1 << 16  # rows initialised per write when a table is created
-_FILES = WeakIdKeyDictionary()  # table parameter -> its ValuesFile
+_CHUNK_ROWS = 1 << 16  # rows per write when a table is created or written back (page-aligned in every file)
+_KILL_ENV = "PKMLM_TEST_KILL_AT"  # tests: "POINT:N" SIGKILLs the process at the N-th pass through POINT
+_kill_counts: dict[str, int] = {}
 
 
 class ValuesFileError(UserError):
@@ -49,18 +60,20 @@ class ValuesFileError(UserError):
 
 def file_of(param: Tensor) -> "ValuesFile | None":
     """The ValuesFile whose table is `param`, if any (RowAdam asks, to keep its state in the files)."""
-    return _FILES.get(param)
+    return getattr(param, "_values_file", None)
 
 
 class ValuesFile:
     """One memory value table and its RowAdam state in files at `path` (see the module docstring).
 
-    writable=True (training): created when absent (seeded init), mapped shared; `weight`, `moments`
-    and `step` are views of the files. writable=False (evaluation, sampling): the table alone, mapped
+    writable=True (training): created when absent (seeded init); `weight`, `moments` and `step` are
+    copy-on-write mappings of the files (the write-back cache, at most `cache_bytes` of changed rows;
+    None: half the machine's RAM). writable=False (evaluation, sampling): the table alone, mapped
     copy-on-write, never written.
     """
 
-    def __init__(self, path: str | os.PathLike, rows: int, dim: int, *, writable: bool, seed: int = 0):
+    def __init__(self, path: str | os.PathLike, rows: int, dim: int, *, writable: bool, seed: int = 0,
+                 cache_bytes: int | None = None):
         self.path, self.rows, self.dim, self.writable = Path(path), rows, dim, writable
         if self.path.is_dir():
             raise ValuesFileError(f"memory.values_file={self.path} is a directory: name a file in it, e.g. "
@@ -74,12 +87,25 @@ class ValuesFile:
         if writable and not self.meta.exists():
             self._create(seed)
         self.uid = self._read_meta()
-        self.weight = _map(self.path, (rows, dim), torch.float32, shared=writable)
+        self.weight = _map(self.path, (rows, dim), torch.float32, shared=False)
         self.moments = self.step = None
         if writable:
-            self.moments = _map(self._adam, (rows, 2, dim), torch.float32, shared=True)
-            self.step = _map(self._step, (rows,), torch.int64, shared=True)
-        self._journaled = torch.zeros(rows, dtype=torch.bool)
+            self.moments = _map(self._adam, (rows, 2, dim), torch.float32, shared=False)
+            self.step = _map(self._step, (rows,), torch.int64, shared=False)
+            # The files themselves, shared: written only by write-backs and rollbacks.
+            self._disk = (_map(self.path, (rows, dim), torch.float32, shared=True),
+                          _map(self._adam, (rows, 2, dim), torch.float32, shared=True),
+                          _map(self._step, (rows,), torch.int64, shared=True))
+        self.cache_bytes = _half_the_ram() if cache_bytes is None else cache_bytes
+        if writable and self.bytes_needed() <= self.cache_bytes:
+            # All of it will be in RAM soon anyway: read it ahead now, sequentially (MADV_WILLNEED), instead
+            # of a 4 KB random read per page as steps first touch rows (measured: 18-25 s steps when a
+            # resumed 1.07B run read its moments that way).
+            for tensor in (self.weight, self.moments, self.step):
+                _advise(tensor, _MADV_WILLNEED)
+        self._dirty = torch.zeros(rows, dtype=torch.bool)  # changed in the cache since the last write-back
+        self._n_dirty = 0
+        self._journaled = torch.zeros(rows, dtype=torch.bool)  # in the journal since the last checkpoint
         self._journal = None  # the open journal while training
 
     @property
@@ -92,6 +118,12 @@ class ValuesFile:
 
     def bytes_needed(self) -> int:
         return self.rows * self.dim * 4 * 3 + self.rows * 8
+
+    def _row_cache_bytes(self) -> int:
+        """RAM a changed row holds in the cache: its table row and moments, a page at least each (rows
+        scattered over the table dirty a page apiece), plus its step count's page share."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        return max(self.dim * 4, page) + max(self.dim * 8, page) + 8
 
     # ---- creation -------------------------------------------------------------------------------------
 
@@ -191,58 +223,113 @@ class ValuesFile:
 
     def restore(self, step: int) -> None:
         """Bring the files to checkpoint `step` (resume, or a fresh run at step 0), then journal from there."""
-        self._rewind(step, optimizer_state=True,
-                     fix="resume from the newest checkpoint (the files cannot go further back)")
+        weight, moments, steps = self._disk
+        if self._rewind(step, weight, moments, steps,
+                        fix="resume from the newest checkpoint (the files cannot go further back)"):
+            self._fsync_files()  # the files are that checkpoint again before the journal is dropped
+        self._drop_cache()
         self.checkpoint(step)
 
     def overlay(self, step: int) -> None:
         """Read-only mapping: show the table as of checkpoint `step` (applies the journal to the private copy)."""
-        self._rewind(step, optimizer_state=False, fix="evaluate the newest checkpoint")
+        self._rewind(step, self.weight, fix="evaluate the newest checkpoint")
 
     @torch.no_grad()
-    def _rewind(self, step: int, *, optimizer_state: bool, fix: str) -> None:
-        """Undo the journaled changes made since checkpoint `step`: the table's rows, and with `optimizer_state`
-        their moments and step counts too. ValuesFileError (ending in `fix`) when the files are past `step`."""
+    def _rewind(self, step: int, weight: Tensor, moments: Tensor | None = None, steps: Tensor | None = None, *,
+                fix: str) -> bool:
+        """Undo, in `weight` (and `moments`, `steps` when given), the journaled changes made since checkpoint
+        `step`; True if there were any. ValuesFileError (ending in `fix`) when the files are past `step`."""
         base = self.journal_step()
         if base > step:
             raise ValuesFileError(f"memory.values_file={self.path} is at step {base} or later, past the checkpoint "
                                   f"of step {step}: {fix}")
         if base < step:
-            return
-        for rows, table, moments, steps in reversed(list(self._records())):
-            self.weight.index_copy_(0, rows, table)
-            if optimizer_state:
-                self.moments.index_copy_(0, rows, moments)
-                self.step.index_copy_(0, rows, steps)
+            return False
+        records = list(self._records())
+        for rows, table, old_moments, old_steps in reversed(records):
+            weight.index_copy_(0, rows, table)
+            if moments is not None:
+                moments.index_copy_(0, rows, old_moments)
+                steps.index_copy_(0, rows, old_steps)
+        return bool(records)
 
     def before_update(self, rows: Tensor) -> None:
-        """Journal (and fsync) the old contents of those `rows` (unique, sorted) not journaled since the checkpoint."""
-        new = rows[~self._journaled[rows]]
-        if not new.numel():
-            return
-        if self._journal is None:
-            self._journal = open(self.undo, "ab")
-        steps = self.step[new]
-        stepped = new[steps > 0]  # rows never updated have zero moments: not read, not stored
-        record = [struct.pack("<qq", new.numel(), stepped.numel()), new.numpy().tobytes(),
-                  self.weight.detach()[new].numpy().tobytes(), steps.numpy().tobytes(),
-                  self.moments[stepped].numpy().tobytes()]
-        self._journal.write(b"".join(record))
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
-        self._journaled[new] = True
+        """RowAdam is about to change `rows` (unique, sorted) in the cache: mark them dirty, writing the cache
+        back first when they would take it past `cache_bytes` (the spill; a step's own rows always fit)."""
+        new = rows[~self._dirty[rows]]
+        if self._n_dirty and (self._n_dirty + new.numel()) * self._row_cache_bytes() > self.cache_bytes:
+            self.write_back()
+            new = rows
+        self._dirty[new] = True
+        self._n_dirty += new.numel()
+        _test_kill("step")
 
-    def sync(self) -> None:
-        """Make every change so far durable (before a checkpoint records it)."""
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the dirty rows into the files, their checkpoint-time contents journaled (and fsynced) first;
+        then drop the cache's private pages. The files are not fsynced here (the journal covers them)."""
+        dirty = self._dirty.nonzero().squeeze(1)
+        if not dirty.numel():
+            return
+        disk_weight, disk_moments, disk_steps = self._disk
+        new = dirty[~self._journaled[dirty]]
+        if new.numel():
+            if self._journal is None:
+                self._journal = open(self.undo, "ab")
+            for rows in _chunks(new):  # the files still hold these rows as of the checkpoint
+                steps = disk_steps[rows]
+                stepped = rows[steps > 0]  # rows never updated have zero moments: not read, not stored
+                for part in (struct.pack("<qq", rows.numel(), stepped.numel()), rows.numpy(),
+                             disk_weight[rows].numpy(), steps.numpy(), disk_moments[stepped].numpy()):
+                    self._journal.write(part if isinstance(part, bytes) else part.reshape(-1).view("u1").data)
+                for tensor in self._disk:  # keeps the process's resident file pages bounded
+                    _advise(tensor, _MADV_DONTNEED, rows[0].item(), rows[-1].item() + 1)
+                _test_kill("journal")
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+            self._journaled[new] = True
+        weight = self.weight.detach()
+        for rows in _chunks(dirty):
+            disk_weight.index_copy_(0, rows, weight[rows])
+            _test_kill("writeback")
+            disk_moments.index_copy_(0, rows, self.moments[rows])
+            _test_kill("writeback")
+            disk_steps.index_copy_(0, rows, self.step[rows])
+            _test_kill("writeback")
+            # Resident memory stays bounded: the written pages leave the process (the page cache keeps the
+            # files' for the kernel to write out), the cache's own pages of these rows only where whole.
+            lo, hi = rows[0].item(), rows[-1].item() + 1
+            for tensor in self._disk:
+                _advise(tensor, _MADV_DONTNEED, lo, hi)
+            for tensor in (self.weight, self.moments, self.step):
+                _advise(tensor, _MADV_DONTNEED, lo, hi, inward=True)
+        self._drop_cache()
+
+    def _drop_cache(self) -> None:
+        """Forget the private pages (MADV_DONTNEED): the mappings read the files again, and resident
+        file pages leave this process (the page cache keeps them for the kernel to write back or evict)."""
+        for tensor in (self.weight, self.moments, self.step, *self._disk):
+            _advise(tensor, _MADV_DONTNEED)
+        self._dirty.zero_()
+        self._n_dirty = 0
+
+    def _fsync_files(self) -> None:
         for path in (self.path, self._adam, self._step):
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)  # writes back the pages the shared mapping dirtied
+                os.fsync(fd)  # writes back the pages the shared mappings dirtied
             finally:
                 os.close(fd)
 
+    def sync(self) -> None:
+        """Write back and make every change so far durable (before a checkpoint records it)."""
+        self.write_back()
+        self._fsync_files()
+        _test_kill("sync")
+
     def checkpoint(self, step: int) -> None:
         """After checkpoint `step` is durable: the journal starts afresh from it."""
+        _test_kill("checkpoint")
         if self._journal is not None:
             self._journal.close()
             self._journal = None
@@ -259,10 +346,11 @@ class ValuesFile:
                                   "point memory.values_file at the files of that run")
 
 
-def attach(model: nn.Module, path: str | os.PathLike, *, writable: bool, seed: int = 0) -> ValuesFile:
+def attach(model: nn.Module, path: str | os.PathLike, *, writable: bool, seed: int = 0,
+           cache_gb: float | None = None) -> ValuesFile:
     """Give every memory of `model` the file-backed table at `path` (the model built it on the meta
-    device: memory.values_file needs one table, shared or single). Call before moving the model and
-    before making its optimizers."""
+    device: memory.values_file needs one table, shared or single), with a write-back cache of `cache_gb`
+    (None: half the RAM). Call before moving the model and before making its optimizers."""
     from pkmlm.memory.layer import ProductKeyMemory
 
     tables = {id(m.values): m.values for m in model.modules() if isinstance(m, ProductKeyMemory)}
@@ -270,10 +358,13 @@ def attach(model: nn.Module, path: str | os.PathLike, *, writable: bool, seed: i
         raise ValuesFileError(f"memory.values_file needs exactly one value table, the model has {len(tables)}")
     table = next(iter(tables.values()))
     rows, dim = table.weight.shape
-    vf = ValuesFile(path, rows, dim, writable=writable, seed=seed)
+    vf = ValuesFile(path, rows, dim, writable=writable, seed=seed,
+                    cache_bytes=None if cache_gb is None else int(cache_gb * 2**30))
     table.weight = nn.Parameter(vf.weight, requires_grad=writable)
     vf.weight = table.weight
-    _FILES[table.weight] = vf
+    # On the parameter, not in a registry keyed by it: the two refer to each other, a cycle the garbage
+    # collector frees (a weak-keyed registry whose value holds its key never would: the mapping leaked).
+    table.weight._values_file = vf
     return vf
 
 
@@ -308,19 +399,64 @@ def _map(path: Path, shape: tuple, dtype: torch.dtype, *, shared: bool) -> Tenso
     if actual != numel * itemsize:
         raise ValuesFileError(f"{path} has {actual} bytes, expected {numel * itemsize}: not this table's file")
     mapped = torch.from_file(str(path), shared=shared, size=numel, dtype=dtype)
-    _advise_random(mapped)
+    # MADV_RANDOM: a fault maps its own page only. Without it the kernel reads around each faulting row
+    # (128 KB): for rows read at random that pages in (and, for the never-written moments, zero-fills)
+    # most of the files within the first steps, the very pass this module avoids.
+    _advise(mapped, _MADV_RANDOM)
     return mapped.view(shape)
 
 
-def _advise_random(mapped: Tensor) -> None:
-    """madvise(MADV_RANDOM): a fault maps its own page only. Without it the kernel reads around each
-    faulting row (128 KB): for rows read at random that pages in (and, for the never-written moments,
-    zero-fills) most of the files within the first steps, the very pass this module avoids."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name or not mapped.numel():
+_MADV_RANDOM, _MADV_WILLNEED, _MADV_DONTNEED = 1, 3, 4
+
+
+def _advise(mapped: Tensor, advice: int, lo: int = 0, hi: int | None = None, *, inward: bool = False) -> None:
+    """madvise(advice) over rows [lo, hi) of the mapping `mapped` (all of it by default): the pages that
+    touch them, or with `inward` only the pages wholly inside them."""
+    if _LIBC is None or not mapped.numel():
         return
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = os.sysconf("SC_PAGE_SIZE")
-    start = mapped.data_ptr() // page * page
-    libc.madvise(start, mapped.data_ptr() + mapped.numel() * mapped.element_size() - start, 1)  # MADV_RANDOM
+    row = mapped[0].numel() * mapped.element_size() if mapped.dim() else mapped.element_size()
+    hi = mapped.shape[0] if hi is None else hi
+    start, end = mapped.data_ptr() + lo * row, mapped.data_ptr() + hi * row
+    if inward:
+        start, end = -(-start // page) * page, end // page * page
+    else:
+        start, end = start // page * page, -(-end // page) * page
+    if end > start and _LIBC.madvise(start, end - start, advice) != 0 and advice == _MADV_DONTNEED:
+        # The cache would keep rows the files now hold: never silently.
+        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed on a values file mapping")
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+_LIBC = _libc()
+
+
+def _chunks(rows: Tensor):
+    """`rows` (sorted) in pieces of at most _CHUNK_ROWS (bounded temporaries while writing back)."""
+    for start in range(0, rows.numel(), _CHUNK_ROWS):
+        yield rows[start:start + _CHUNK_ROWS]
+
+
+def _half_the_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _test_kill(point: str) -> None:
+    """Tests of crash safety: PKMLM_TEST_KILL_AT=POINT:N SIGKILLs this process the N-th time it passes
+    POINT (step: a row update about to start; journal: a journal record written, not fsynced; writeback:
+    part of the rows copied into the files; sync: files durable, checkpoint not written; checkpoint:
+    checkpoint written, journal not reset)."""
+    target = os.environ.get(_KILL_ENV)
+    if not target or not target.startswith(point + ":"):
+        return
+    _kill_counts[point] = _kill_counts.get(point, 0) + 1
+    if _kill_counts[point] == int(target.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)

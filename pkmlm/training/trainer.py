@@ -140,7 +140,8 @@ class Trainer:
         self.model = TransformerLM(config, config.resolve_vocab_size(self.train_data.vocab_size))
         self.values_file = None  # memory.values_file: the table and its Adam state in mapped files
         if config.memory.values_file:
-            self.values_file = vfile.attach(self.model, config.memory.values_file, writable=True, seed=t.seed)
+            self.values_file = vfile.attach(self.model, config.memory.values_file, writable=True, seed=t.seed,
+                                            cache_gb=config.memory.values_file_cache_gb)
         # train.freeze / train.trainable (pkmlm/training/finetune.py): frozen parameters, LoRA adapters.
         self.finetune = FineTuning(self.model, config)
         self.model = self.model.to(device)

@@ -132,6 +132,11 @@ def test_config_checks(data_dir, tmp_path):
         build(shard_values=True)
     with pytest.raises(ConfigError, match="cannot be combined with memory.value_init=zero"):
         build(value_init="zero")
+    with pytest.raises(ConfigError, match=r"memory.values_file_cache_gb.*must be > 0"):
+        build(values_file_cache_gb=0)
+    with pytest.raises(ConfigError, match="memory.values_file_cache_gb.*memory.values_file is not"):
+        build(values_file=None, values_file_cache_gb=4)
+    assert build(values_file_cache_gb=0.5).memory.values_file_cache_gb == 0.5
     c = config(data_dir, tmp_path, tmp_path / "v").to_dict()
     c["train"]["keep_best"] = True
     with pytest.raises(ConfigError, match="cannot be combined with train.keep_best"):
@@ -141,3 +146,110 @@ def test_config_checks(data_dir, tmp_path):
         c.validate_runtime(world_size=2)
     with pytest.raises(ConfigError, match="one CPU process"):
         c.validate_runtime(device_type="cuda")
+
+
+def test_changed_rows_stay_in_ram_until_written_back_and_spill_at_the_bound(tmp_path):
+    rows, dim = 4096, 1024  # a row is one page: the bound below holds exactly 3 changed rows
+    vf = ValuesFile(tmp_path / "v", rows, dim, writable=True, seed=0, cache_bytes=3 * (4096 + 8192 + 8))
+    vf.restore(0)
+    on_disk = ValuesFile(tmp_path / "v", rows, dim, writable=False)  # a second, read-only view of the files
+    before = on_disk.weight.clone()
+
+    def update(ids, value):  # what RowAdam does: mark, then change the rows in the cache
+        ids = torch.tensor(ids)
+        vf.before_update(ids)
+        vf.weight[ids] = value
+        vf.moments[ids] = value
+        vf.step[ids] += 1
+
+    update([1, 5], 1.0)
+    update([5, 9], 2.0)  # 3 changed rows: at the bound, not past it
+    assert digest(tmp_path / "v") == hashlib.sha1(before.numpy().tobytes()).hexdigest()  # files untouched
+    assert vf.weight[[1, 5, 9], 0].tolist() == [1.0, 2.0, 2.0]  # reads see the cache
+    update([100], 3.0)  # a 4th row: the 3 cached ones are written back first
+    disk = torch.from_file(str(tmp_path / "v"), size=rows * dim).view(rows, dim)
+    assert torch.equal(disk[[1, 5, 9]], vf.weight[[1, 5, 9]]) and torch.equal(disk[100], before[100])
+    assert (vf.weight[100] == 3.0).all()  # the cache holds the newest row
+    assert vf.weight[[1, 5, 9], 0].tolist() == [1.0, 2.0, 2.0]  # read back from the files after the write-back
+    steps = torch.from_file(str(tmp_path / "v.step"), size=rows, dtype=torch.int64)
+    assert steps[[1, 5, 9, 100]].tolist() == [1, 2, 1, 0]
+    vf.restore(0)  # a resume from checkpoint 0: the journal brings the written-back rows back
+    disk = torch.from_file(str(tmp_path / "v"), size=rows * dim).view(rows, dim)
+    assert torch.equal(disk, before) and torch.equal(vf.weight, before)
+    assert vf.step.count_nonzero() == 0 and vf.moments.count_nonzero() == 0
+
+
+def _train_cli(cfg, *args, kill_at=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "PKMLM_TEST_KILL_AT"}
+    env.update(OMP_NUM_THREADS="1", **({"PKMLM_TEST_KILL_AT": kill_at} if kill_at else {}))
+    return subprocess.run([sys.executable, "train.py", "--config", str(cfg), *args], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+
+
+def _final_state(run, values):
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    files = {p.name[len(values.name):]: digest(p) for p in values.parent.glob(values.name + "*")
+             if p.suffix in (".values", ".adam", ".step")}
+    return state["step"], state["model"], state["optimizers"]["dense"], files
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed processes run (OMP_NUM_THREADS=1): bitwise the same sums
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_resumes_bitwise(data_dir, tmp_path, one_thread):
+    """SIGKILL mid-step, mid-journal, mid-write-back (a spill's, a checkpoint's), with the files durable but
+    the checkpoint unwritten, and with the checkpoint written but the journal not reset: the resumed run
+    ends bitwise where an uninterrupted one does. A tiny cache spills before every step."""
+    import yaml
+
+    def cfg(name):
+        c = config(data_dir, tmp_path / name, tmp_path / f"{name}.values", max_steps=8, eval_every=100)
+        c.memory.values_file_cache_gb = 1e-6  # one changed row's pages are past it
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c.to_dict()))
+        return c
+
+    whole = train(cfg("whole"))
+    step, model, dense, files = _final_state(tmp_path / "whole", tmp_path / "whole.values")
+    assert step == 8 and set(files) == {"", ".adam", ".step"}
+    # Steps 1-8, checkpoints at 3, 6, 8; write-backs (3 passes each) before steps 2-6 and 7-8 and at checkpoints.
+    for kill_at in ["step:5", "journal:4", "writeback:11", "writeback:17", "sync:2", "checkpoint:3"]:
+        name = kill_at.replace(":", "_")
+        c = cfg(name)
+        crashed = _train_cli(tmp_path / f"{name}.yaml", kill_at=kill_at)
+        assert crashed.returncode == -9, (kill_at, crashed.returncode, crashed.stderr[-2000:])
+        first = list_checkpoints(tmp_path / name)[-1]
+        rest = train(c, resume="latest")
+        assert rest.losses == {s: l for s, l in whole.losses.items() if s > load_checkpoint(first)["step"]}, kill_at
+        r_step, r_model, r_dense, r_files = _final_state(tmp_path / name, tmp_path / f"{name}.values")
+        assert r_step == 8 and r_files == files, kill_at
+        for key, tensor in model.items():
+            assert torch.equal(r_model[key], tensor), (kill_at, key)
+        for key, s in dense["state"].items():
+            assert all(torch.equal(r_dense["state"][key][k], v) for k, v in s.items()), (kill_at, key)
+
+
+def test_a_mapped_table_is_freed_with_its_model(tmp_path):
+    """The table's mapping must not outlive the model (else its pages stay mapped and resident)."""
+    import gc
+    import weakref
+
+    from pkmlm.memory import ProductKeyMemory, make_value_table
+    from pkmlm.memory.values_file import attach, file_of
+
+    layer = ProductKeyMemory(32, 32, n_keys=16, heads=2, knn=4, k_dim=16,
+                             values=make_value_table(16, 32, device="meta"))
+    vf = attach(layer, tmp_path / "v", writable=True)
+    assert file_of(layer.values.weight) is vf
+    alive = weakref.ref(vf)
+    del layer, vf
+    gc.collect()
+    assert alive() is None
