@@ -2,22 +2,23 @@
 fine-tuning at matched steps, and measure what is learned and what is forgotten (issue 24, item 5; after Lin et
 al. 2025, "Continual Learning via Sparse Memory Finetuning").
 
-    python bench/continual.py --people-a 100 --people-b 50 --pretrain-steps 600 --steps 100 \\
-        --lrs 1e-3,3e-3 --out runs/continual --report docs/continual_small.md
+    python bench/continual.py --people-a 100 --people-b 50 --pretrain-steps 1500 --steps 200 \\
+        --lrs 3e-3,1e-2,3e-2 --top-slots 64,512 --out runs/continual --plot docs/continual_learning.png
 
-1. Set A (people 0..A-1) mixed with BBC news (half the characters) and set B (people A..A+B-1) are generated
-   (python -m pkmlm.data.facts, every person's QA pairs in the text: the facts to learn are asked the way they
-   were taught) and prepared with one tokenizer; BBC alone is prepared with it too (its test split: BBC
+1. Set A (people 0..A-1) mixed with BBC news (--mix of the characters) and set B (people A..A+B-1) are generated
+   (python -m pkmlm.data.facts with bench/knowledge.py's RECIPE: one biography, every person's QA pairs in the
+   text 10 times in shuffled orders: the facts to learn are asked the way they were taught) and prepared with
+   one tokenizer; BBC alone is prepared with it too (its test split: BBC
    perplexity; its train split: the background of the slots TF-IDF).
 2. A memory model (bench/knowledge.py's "memory": 2 layers, width 64, a 64^2-slot memory beside block 1's FFN)
-   is pretrained on A + BBC.
+   is pretrained on A + BBC (--pretrain-lr, warmup a quarter of the steps).
 3. From that checkpoint (train.py --init-from), each method is taught B for --steps steps, at each --lrs
-   (dense lr; value tables at 10x):  full (train.trainable=all), lora (trainable=lora, rank 8),
-   memory (trainable=memory), slots (trainable=slots, top_slots=--top-slots, background=BBC).
+   (dense lr; value tables at 10x; constant): full (train.trainable=all), lora (trainable=lora, rank 8),
+   memory (trainable=memory), slots (trainable=slots, top_slots=each of --top-slots, background=BBC).
 4. Each run: accuracy and answer log-likelihood (nats) on B (learned), the same on A and BBC test perplexity
    (forgotten), with the pretrained model as the first row. A finished run is not trained again. --plot draws learned against forgotten (accuracy on A), one point per lr.
 
-Every row prints the command that makes it alone. CPU scale only; see docs/quality.md for what is left.
+Every row prints the command that makes it alone. Results: docs/quality.md, "Continual learning".
 """
 
 from __future__ import annotations
@@ -94,13 +95,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--people-a", type=int, default=100)
     parser.add_argument("--people-b", type=int, default=50)
-    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--pretrain-lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--mix", type=float, default=0.5, help="BBC's share of set A's text (characters)")
-    parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps, the same for every method")
-    parser.add_argument("--lrs", default="1e-3,3e-3", help="fine-tuning lrs (dense; value tables at 10x)")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps, the same for every method")
+    parser.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="fine-tuning lrs (dense; value tables at 10x)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--top-slots", default="256", help="slots: value rows per step and table (comma-separated)")
+    parser.add_argument("--top-slots", default="64,512", help="slots: value rows per step and table (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("runs/continual"))
     parser.add_argument("--report", type=Path)
     parser.add_argument("--plot", type=Path, help="learning-forgetting plot (needs matplotlib)")

@@ -1,25 +1,30 @@
 """Knowledge capacity: how many facts a dense model and the same model with a memory store, at equal active
 parameters per token, steps and tokens (issue 24, item 3; after Allen-Zhu & Li, "Physics of Language Models 3.3").
 
-    python bench/knowledge.py --people 100,400 --steps 300 --out runs/knowledge --report docs/knowledge_small.md
+    python bench/knowledge.py --people 200,1000,4000 --models dense,memory --steps 1500 --out runs/knowledge \
+        --report runs/knowledge.md --plot docs/knowledge_capacity.png
+    python bench/knowledge.py --people 200 --models memory,deep --layers 1 --width 256 --steps 1500   # the pair
 
-For each N in --people: N fictional people (python -m pkmlm.data.facts, 5 biographies each, the qa_train half's
-QA pairs in the text), prepared with its own sentencepiece vocabulary; then two models trained on it with
-train.py settings that differ only in the memory:
+For each N in --people: N fictional people (python -m pkmlm.data.facts with RECIPE below: one biography each,
+the qa_train half's QA pairs in the text 10 times in shuffled orders), prepared with its own sentencepiece
+vocabulary; then each model of --models trained on it with train.py settings that differ only in the model:
 
-    dense   2 layers, width 64, FFN x4
-    memory  the same plus a product-key memory in parallel to block 1's FFN (64^2 slots, 2 heads x 8 reads, k_dim 16):
-            active parameters per token within 5 % of dense (the table reports both), 262k more in its table
+    dense   L layers (--layers, default 2), width --width (default 64), FFN x4
+    memory  the same plus a product-key memory in parallel to the last block's FFN (64^2 slots, 2 heads x 8
+            reads, k_dim 16): at width 64 active parameters per token within 5 % of dense (the table reports
+            both), 262k more in its table
+    deep    dense with 2L layers: the pair of the paper's headline is memory at L layers against deep
 
 Each row: QA exact match (pkmlm/eval/qa.py) on the people whose QA pairs were in the training text
 (`acc_seen`: memorised and retrievable by the question form) and on the held-out half (`acc_heldout`: facts
 seen only in biographies, asked in a form never seen with them: knowledge extraction); facts recalled (all
-6N questions answered exactly), bits of knowledge (sum over recalled facts of log2 of their attribute's
-number of values, the attribute entropy of Allen-Zhu & Li; a count of what is recalled exactly, not their
-loss-based lower bound), bits per parameter (total and active), training and inference tokens/s; and the mean
+6N questions answered exactly); bits of knowledge counted with the attribute entropy of Allen-Zhu & Li two ways:
+`bits` (sum over exactly recalled facts of log2 of their attribute's number of values) and `bits_loss` (their
+loss-based lower bound, `knowledge_bits`), per parameter (total and active); training tokens/s (wall clock of
+the whole run, start-up and its one evaluation included) and inference tokens/s (timed forwards); and the mean
 log-likelihood of the right answer (nats, `logprob_*`), which moves long before exact matches appear.
 A finished run is not trained again (delete its folder to retrain): rerunning re-evaluates.
-Each row prints the command that makes it alone. CPU scale: see docs/quality.md for what remains for a GPU.
+Each row prints the command that makes it alone. Results and what they mean: docs/quality.md, "Knowledge".
 """
 
 from __future__ import annotations
