@@ -2,22 +2,23 @@
 fine-tuning at matched steps, and measure what is learned and what is forgotten (issue 24, item 5; after Lin et
 al. 2025, "Continual Learning via Sparse Memory Finetuning").
 
-    python bench/continual.py --people-a 100 --people-b 50 --pretrain-steps 600 --steps 100 \\
-        --lrs 1e-3,3e-3 --out runs/continual --report docs/continual_small.md
+    python bench/continual.py --people-a 100 --people-b 50 --pretrain-steps 1500 --steps 200 \\
+        --lrs 3e-3,1e-2,3e-2 --top-slots 64,512 --out runs/continual --plot docs/continual_learning.png
 
-1. Set A (people 0..A-1) mixed with BBC news (half the characters) and set B (people A..A+B-1) are generated
-   (python -m pkmlm.data.facts, every person's QA pairs in the text: the facts to learn are asked the way they
-   were taught) and prepared with one tokenizer; BBC alone is prepared with it too (its test split: BBC
+1. Set A (people 0..A-1) mixed with BBC news (--mix of the characters) and set B (people A..A+B-1) are generated
+   (python -m pkmlm.data.facts with bench/knowledge.py's RECIPE: one biography, every person's QA pairs in the
+   text 10 times in shuffled orders: the facts to learn are asked the way they were taught) and prepared with
+   one tokenizer; BBC alone is prepared with it too (its test split: BBC
    perplexity; its train split: the background of the slots TF-IDF).
 2. A memory model (bench/knowledge.py's "memory": 2 layers, width 64, a 64^2-slot memory beside block 1's FFN)
-   is pretrained on A + BBC.
+   is pretrained on A + BBC (--pretrain-lr, warmup a quarter of the steps).
 3. From that checkpoint (train.py --init-from), each method is taught B for --steps steps, at each --lrs
-   (dense lr; value tables at 10x):  full (train.trainable=all), lora (trainable=lora, rank 8),
-   memory (trainable=memory), slots (trainable=slots, top_slots=--top-slots, background=BBC).
+   (dense lr; value tables at 10x; constant): full (train.trainable=all), lora (trainable=lora, rank 8),
+   memory (trainable=memory), slots (trainable=slots, top_slots=each of --top-slots, background=BBC).
 4. Each run: accuracy and answer log-likelihood (nats) on B (learned), the same on A and BBC test perplexity
    (forgotten), with the pretrained model as the first row. A finished run is not trained again. --plot draws learned against forgotten (accuracy on A), one point per lr.
 
-Every row prints the command that makes it alone. CPU scale only; see docs/quality.md for what is left.
+Every row prints the command that makes it alone. Results: docs/quality.md, "Continual learning".
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from knowledge import MODELS, base_config, make_facts, qa_scores  # noqa: E402
+from knowledge import RECIPE, base_config, make_facts, model_sections, qa_scores  # noqa: E402
 
 from pkmlm.config import Config  # noqa: E402
 from pkmlm.data.prepare import MergeSettings, prepare  # noqa: E402
@@ -47,23 +48,27 @@ METHODS = {
 }
 
 
-def memory_config(data: Path, out: Path, steps: int, lr: float) -> dict:
-    config = base_config(data, out, steps, lr)
-    config["memory"] = {**config["memory"], **MODELS["memory"]["memory"]}
+def memory_config(data: Path, out: Path, steps: int, lr: float, warmup: int | None = None) -> dict:
+    """bench/knowledge.py's "memory" model (2 layers, width 64, a 64^2-slot memory beside block 1's FFN)."""
+    config = base_config(data, out, steps, lr, RECIPE["batch"], RECIPE["bptt"], warmup, RECIPE["value_lr_mult"])
+    for section, values in model_sections("memory", 2, 64).items():
+        config[section] = {**config[section], **values}
     return config
 
 
-def setup(out: Path, people_a: int, people_b: int, pretrain_steps: int, lr: float) -> dict[str, Path]:
+def setup(out: Path, people_a: int, people_b: int, pretrain_steps: int, lr: float, mix: float) -> dict[str, Path]:
     """Data for A + BBC, B, BBC alone (one tokenizer) and the pretrained model; each made once."""
-    a = make_facts(out / "a", people_a, qa_test_fraction=0.0, mix="bbc_news:0.5", vocab=2000)
-    b = make_facts(out / "b", people_b, first=people_a, qa_test_fraction=0.0, tokenizer=a / "tokenizer")
+    a = make_facts(out / "a", people_a, bios=RECIPE["bios"], qa_test_fraction=0.0, mix=f"bbc_news:{mix:g}",
+                   vocab=2000, qa_repeats=RECIPE["qa_repeats"])
+    b = make_facts(out / "b", people_b, first=people_a, bios=RECIPE["bios"], qa_test_fraction=0.0,
+                   tokenizer=a / "tokenizer", qa_repeats=RECIPE["qa_repeats"])
     bbc = out / "bbc/data"
     if not (bbc / "train").is_dir():
         prepare(bbc, corpus="bbc_news", settings=MergeSettings(tokenizer=str(a / "tokenizer"), valid="0.02",
                                                                test="0.05"), workers=1, progress="off")
     pre = out / "pretrained"
     if not (pre / "checkpoints").is_dir():
-        train(Config.from_dict(memory_config(a, pre, pretrain_steps, lr)))
+        train(Config.from_dict(memory_config(a, pre, pretrain_steps, lr, warmup=max(1, pretrain_steps // 4))))
     return {"a": a, "b": b, "bbc": bbc, "pretrained": pre, "qa_a": out / "a/src/qa_train.jsonl",
             "qa_b": out / "b/src/qa_train.jsonl"}
 
@@ -76,7 +81,7 @@ def measure(run_dir: Path, paths: dict[str, Path]) -> dict:
 
 
 def finetune(method: str, lr: float, steps: int, top_slots: int, paths: dict[str, Path], out: Path) -> Path:
-    run_dir = out / f"{method}_lr{lr:g}"
+    run_dir = out / (f"{method}{top_slots}_lr{lr:g}" if method == "slots" else f"{method}_lr{lr:g}")
     if not (run_dir / "checkpoints").is_dir():
         config = memory_config(paths["b"], run_dir, steps, lr)
         config["train"].update(METHODS[method], warmup_steps=0)
@@ -90,12 +95,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--people-a", type=int, default=100)
     parser.add_argument("--people-b", type=int, default=50)
-    parser.add_argument("--pretrain-steps", type=int, default=600)
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
-    parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps, the same for every method")
-    parser.add_argument("--lrs", default="1e-3,3e-3", help="fine-tuning lrs (dense; value tables at 10x)")
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--pretrain-lr", type=float, default=RECIPE["lr"])
+    parser.add_argument("--mix", type=float, default=0.5, help="BBC's share of set A's text (characters)")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps, the same for every method")
+    parser.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="fine-tuning lrs (dense; value tables at 10x)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--top-slots", type=int, default=256, help="slots: value rows per step and table")
+    parser.add_argument("--top-slots", default="64,512", help="slots: value rows per step and table (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("runs/continual"))
     parser.add_argument("--report", type=Path)
     parser.add_argument("--plot", type=Path, help="learning-forgetting plot (needs matplotlib)")
@@ -105,19 +111,21 @@ def main(argv=None) -> int:
         print(f"error: --methods takes {', '.join(METHODS)}", file=sys.stderr)
         return 2
     lrs = [float(x) for x in args.lrs.split(",")]
+    top_slots = [int(x) for x in args.top_slots.split(",")]
     common = (f"python bench/continual.py --people-a {args.people_a} --people-b {args.people_b} --pretrain-steps "
-              f"{args.pretrain_steps} --pretrain-lr {args.pretrain_lr} --steps {args.steps} --top-slots "
-              f"{args.top_slots} --out {args.out}")
-    paths = setup(args.out, args.people_a, args.people_b, args.pretrain_steps, args.pretrain_lr)
+              f"{args.pretrain_steps} --pretrain-lr {args.pretrain_lr:g} --mix {args.mix:g} --steps {args.steps} --out {args.out}")
+    paths = setup(args.out, args.people_a, args.people_b, args.pretrain_steps, args.pretrain_lr, args.mix)
     rows = [{"method": "pretrained", "lr": None, **measure(paths["pretrained"], paths), "seconds": None,
              "command": f"{common}  (the first row of any method's command)"}]
     for method in methods:
-        for lr in lrs:
-            start = time.perf_counter()
-            run_dir = finetune(method, lr, args.steps, args.top_slots, paths, args.out)
-            rows.append({"method": method, "lr": lr, **measure(run_dir, paths),
-                         "seconds": time.perf_counter() - start,
-                         "command": f"{common} --methods {method} --lrs {lr:g}"})
+        for top in (top_slots if method == "slots" else [0]):
+            for lr in lrs:
+                start = time.perf_counter()
+                run_dir = finetune(method, lr, args.steps, top, paths, args.out)
+                name = f"slots (top {top})" if method == "slots" else "lora (rank 8)" if method == "lora" else method
+                rows.append({"method": name, "lr": lr, **measure(run_dir, paths), "seconds": time.perf_counter() - start,
+                             "command": f"{common} --methods {method} --lrs {lr:g}"
+                                        + (f" --top-slots {top}" if method == "slots" else "")})
     base = rows[0]
     for r in rows:
         r["forgot_a"] = base["acc_a"] - r["acc_a"]

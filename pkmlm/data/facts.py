@@ -13,9 +13,17 @@ biographies. The people are split in two: the QA pairs of one part go to ``qa_tr
 pairs are ``qa_test.jsonl``, facts that the model saw only in biographies (the QA "out of distribution"
 split of Allen-Zhu & Li 3.1).
 
+``--qa-repeats R`` (R > 1) writes the qa_train pairs R times instead, each time in a new seeded order across
+people, six pairs to a document: every pair then occurs in R different contexts and window positions. A
+model trained on fixed windows of the stream (pkmlm.data.stream) otherwise learns each pair as the
+continuation of the text that always precedes it there (the person's other answers), and cannot answer it
+when asked alone (measured in docs/quality.md, "Knowledge"); the repeats are the QA counterpart of the
+shuffled, paraphrased ``--bios``.
+
 Written under OUT:
     text/people.txt      biographies, documents separated by blank lines
-    text/qa_train.txt    the qa_train pairs as text, one document per person (not with --no-qa-text)
+    text/qa_train.txt    the qa_train pairs as text, one document per person (not with --no-qa-text;
+                         with --qa-repeats R > 1: R shuffled passes, six pairs a document)
     text/bbc_news.txt    general text mixed in with --mix bbc_news:R (R: its share of the text's characters)
     qa_train.jsonl, qa_test.jsonl   {"prompt", "question", "answer", "person", "attribute"} per line
     people.jsonl         every person's attributes
@@ -210,8 +218,23 @@ def mixed_documents(corpus: str, chars: int, seed: int) -> list[str]:
     return docs
 
 
+def qa_documents(group: list[dict], repeats: int, rng: np.random.Generator) -> list[str]:
+    """The qa_train text: one document per person of ``group`` (its pairs, one a line); with ``repeats`` > 1,
+    ``repeats`` passes over all their pairs, each in a new order from ``rng``, six pairs to a document."""
+    if repeats == 1:
+        return ["\n".join(f"{r['prompt']} {r['answer']}" for r in qa_pairs(p)) for p in group]
+    pairs = [f"{r['prompt']} {r['answer']}" for p in group for r in qa_pairs(p)]
+    docs = []
+    for _ in range(repeats):
+        order = rng.permutation(len(pairs))
+        docs += ["\n".join(pairs[int(i)] for i in order[k:k + len(ATTRIBUTES)])
+                 for k in range(0, len(order), len(ATTRIBUTES))]
+    return docs
+
+
 def write_corpus(out: str | Path, n: int, *, seed: int = 0, first: int = 0, bios: int = 3,
-                 qa_test_fraction: float = 0.5, qa_text: bool = True, mix: str | None = None) -> dict:
+                 qa_test_fraction: float = 0.5, qa_text: bool = True, mix: str | None = None,
+                 qa_repeats: int = 1) -> dict:
     """Write the corpus under ``out`` (see the module docstring); returns the facts.json dict."""
     if n < 1:
         raise DataError(f"--people must be >= 1, got {n}")
@@ -219,6 +242,8 @@ def write_corpus(out: str | Path, n: int, *, seed: int = 0, first: int = 0, bios
         raise DataError(f"--first must be >= 0, got {first}")
     if bios < 1:
         raise DataError(f"--bios must be >= 1, got {bios}")
+    if qa_repeats < 1:
+        raise DataError(f"--qa-repeats must be >= 1, got {qa_repeats}")
     if not 0 <= qa_test_fraction <= 1:
         raise DataError(f"--qa-test-fraction must be in [0, 1], got {qa_test_fraction}")
     mixing = parse_mix(mix)
@@ -232,7 +257,8 @@ def write_corpus(out: str | Path, n: int, *, seed: int = 0, first: int = 0, bios
     qa = {"train": [r for p in group if not p["qa_test"] for r in qa_pairs(p)],
           "test": [r for p in group if p["qa_test"] for r in qa_pairs(p)]}
     write_text_atomic(text / "people.txt", "\n\n".join(documents) + "\n")
-    qa_docs = ["\n".join(f"{r['prompt']} {r['answer']}" for r in qa_pairs(p)) for p in group if not p["qa_test"]]
+    qa_docs = qa_documents([p for p in group if not p["qa_test"]], qa_repeats,
+                           np.random.default_rng([seed, 2**31 + 2, first]))
     if qa_text and qa_docs:
         write_text_atomic(text / "qa_train.txt", "\n\n".join(qa_docs) + "\n")
     else:
@@ -252,7 +278,7 @@ def write_corpus(out: str | Path, n: int, *, seed: int = 0, first: int = 0, bios
         json.dumps({k: v for k, v in p.items() if k != "bios"}) + "\n" for p in group))
     bits = attribute_bits()
     info = {"people": n, "first": first, "seed": seed, "bios": bios, "qa_test_fraction": qa_test_fraction,
-            "qa_text": qa_text, "mix": mix, "biographies": len(documents),
+            "qa_text": qa_text, "qa_repeats": qa_repeats, "mix": mix, "biographies": len(documents),
             "qa_train": len(qa["train"]), "qa_test": len(qa["test"]),
             "attribute_bits": bits, "bits_per_person": sum(bits.values()),
             "facts_chars": facts_chars, "mixed_chars": mixed_chars,
@@ -273,11 +299,14 @@ def main(argv=None) -> int:
                         help="share of the people whose QA pairs are held out in qa_test.jsonl")
     parser.add_argument("--no-qa-text", action="store_true",
                         help="do not put the qa_train pairs into the training text")
+    parser.add_argument("--qa-repeats", type=int, default=1,
+                        help="write the qa_train pairs this many times, each in a new order across people")
     parser.add_argument("--mix", help="mix an embedded corpus in, CORPUS:SHARE of the characters, e.g. bbc_news:0.5")
     args = parser.parse_args(argv)
     try:
         info = write_corpus(args.out, args.people, seed=args.seed, first=args.first, bios=args.bios,
-                            qa_test_fraction=args.qa_test_fraction, qa_text=not args.no_qa_text, mix=args.mix)
+                            qa_test_fraction=args.qa_test_fraction, qa_text=not args.no_qa_text, mix=args.mix,
+                            qa_repeats=args.qa_repeats)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,28 @@ def test_biographies_hold_every_fact_and_questions_are_held_out(tmp_path):
     assert not any(r["person"] in qa_text for r in test)  # held-out people's answers are never written as text
 
 
+def test_qa_repeats_write_every_pair_r_times_in_new_contexts(tmp_path):
+    once = F.write_corpus(tmp_path / "once", 20, seed=0)
+    info = F.write_corpus(tmp_path / "rep", 20, seed=0, qa_repeats=3)
+    assert info["qa_repeats"] == 3 and info["qa_train"] == once["qa_train"]  # the same questions are asked
+    assert (tmp_path / "rep/qa_train.jsonl").read_text() == (tmp_path / "once/qa_train.jsonl").read_text()
+    assert (tmp_path / "rep/text/people.txt").read_text() == (tmp_path / "once/text/people.txt").read_text()
+    records = [json.loads(line) for line in (tmp_path / "rep/qa_train.jsonl").read_text().splitlines()]
+    docs = (tmp_path / "rep/text/qa_train.txt").read_text().strip().split("\n\n")
+    lines = [line for doc in docs for line in doc.split("\n")]
+    pairs = [f"{r['prompt']} {r['answer']}" for r in records]
+    assert sorted(lines) == sorted(pairs * 3)  # every pair exactly 3 times, nothing else
+    assert len(set(docs)) == len(docs) and all(len(doc.split("\n")) <= 6 for doc in docs)  # survives dedup
+    # Shuffled across people: the pair before each pair differs between passes for most pairs.
+    before = {}
+    for doc in docs:
+        for prev, line in zip(["<start>"] + doc.split("\n"), doc.split("\n")):
+            before.setdefault(line, set()).add(prev)
+    assert sum(len(v) > 1 for v in before.values()) > 0.9 * len(pairs)
+    with pytest.raises(DataError, match="--qa-repeats"):
+        F.write_corpus(tmp_path / "bad", 3, qa_repeats=0)
+
+
 def test_mix_share_and_bad_values(tmp_path):
     info = F.write_corpus(tmp_path, 30, seed=0, mix="bbc_news:0.75")
     assert 0.75 <= info["mixed_share"] < 0.80  # whole articles: at most one over the stated share
