@@ -101,7 +101,10 @@ class ValuesFile:
             # All of it will be in RAM soon anyway: read it ahead now, sequentially (MADV_WILLNEED), instead
             # of a 4 KB random read per page as steps first touch rows (measured: 18-25 s steps when a
             # resumed 1.07B run read its moments that way).
-            for tensor in (self.weight, self.moments, self.step):
+            # Moments of files no step has reached yet are unwritten blocks (zeros without I/O): reading
+            # them ahead would only fill the page cache with zeros that the cache copies again.
+            stepped = bool(self.step.count_nonzero())
+            for tensor in (self.weight, self.step) + ((self.moments,) if stepped else ()):
                 _advise(tensor, _MADV_WILLNEED)
         self._dirty = torch.zeros(rows, dtype=torch.bool)  # changed in the cache since the last write-back
         self._n_dirty = 0

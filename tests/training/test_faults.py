@@ -287,7 +287,7 @@ KILLED = textwrap.dedent("""
                         f.flush()
                         os.fsync(f.fileno())
                     die()
-                original(self, rows)  # "mid-table": journaled, then some rows changed in place
+                original(self, rows)  # "mid-table": rows marked, then some changed (in the write-back cache)
                 with torch.no_grad():
                     self.weight[rows[:3]] += 1.0
                     self.moments[rows[:3]] += 1.0
