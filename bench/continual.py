@@ -14,7 +14,8 @@ al. 2025, "Continual Learning via Sparse Memory Finetuning").
    is pretrained on A + BBC (--pretrain-lr, warmup a quarter of the steps).
 3. From that checkpoint (train.py --init-from), each method is taught B for --steps steps, at each --lrs
    (dense lr; value tables at 10x; constant): full (train.trainable=all), lora (trainable=lora, rank 8),
-   memory (trainable=memory), slots (trainable=slots, top_slots=each of --top-slots, background=BBC).
+   memory (trainable=memory), slots (trainable=slots, top_slots=each of --top-slots, background: BBC, or with
+   --background a the pretraining data A + BBC).
 4. Each run: accuracy and answer log-likelihood (nats) on B (learned), the same on A and BBC test perplexity
    (forgotten), with the pretrained model as the first row. A finished run is not trained again. --plot draws learned against forgotten (accuracy on A), one point per lr.
 
@@ -80,13 +81,17 @@ def measure(run_dir: Path, paths: dict[str, Path]) -> dict:
             "bbc_ppl": row["test_ppl"]}
 
 
-def finetune(method: str, lr: float, steps: int, top_slots: int, paths: dict[str, Path], out: Path) -> Path:
-    run_dir = out / (f"{method}{top_slots}_lr{lr:g}" if method == "slots" else f"{method}_lr{lr:g}")
+def finetune(method: str, lr: float, steps: int, top_slots: int, paths: dict[str, Path], out: Path,
+             background: str = "bbc") -> Path:
+    """Teach B from the pretrained model; slots rank rows by TF-IDF against ``background`` ("bbc" or "a")."""
+    name = f"{method}{top_slots}" + ("" if background == "bbc" else f"_bg{background}") if method == "slots" else method
+    run_dir = out / f"{name}_lr{lr:g}"
     if not (run_dir / "checkpoints").is_dir():
         config = memory_config(paths["b"], run_dir, steps, lr)
         config["train"].update(METHODS[method], warmup_steps=0)
         if method == "slots":
-            config["train"].update(top_slots=top_slots, background=str(paths["bbc"]), background_tokens=200_000)
+            config["train"].update(top_slots=top_slots, background=str(paths[background]),
+                                   background_tokens=200_000)
         train(Config.from_dict(config), init_from=find_checkpoint(paths["pretrained"]))
     return run_dir
 
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="fine-tuning lrs (dense; value tables at 10x)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--top-slots", default="64,512", help="slots: value rows per step and table (comma-separated)")
+    parser.add_argument("--background", choices=["bbc", "a"], default="bbc",
+                        help="slots: the TF-IDF background, BBC alone or set A + BBC (the pretraining data)")
     parser.add_argument("--out", type=Path, default=Path("runs/continual"))
     parser.add_argument("--report", type=Path)
     parser.add_argument("--plot", type=Path, help="learning-forgetting plot (needs matplotlib)")
@@ -121,11 +128,14 @@ def main(argv=None) -> int:
         for top in (top_slots if method == "slots" else [0]):
             for lr in lrs:
                 start = time.perf_counter()
-                run_dir = finetune(method, lr, args.steps, top, paths, args.out)
-                name = f"slots (top {top})" if method == "slots" else "lora (rank 8)" if method == "lora" else method
+                run_dir = finetune(method, lr, args.steps, top, paths, args.out, args.background)
+                background = ", background A+BBC" if args.background == "a" else ""
+                name = f"slots (top {top}{background})" if method == "slots" else \
+                    "lora (rank 8)" if method == "lora" else method
                 rows.append({"method": name, "lr": lr, **measure(run_dir, paths), "seconds": time.perf_counter() - start,
                              "command": f"{common} --methods {method} --lrs {lr:g}"
-                                        + (f" --top-slots {top}" if method == "slots" else "")})
+                                        + (f" --top-slots {top}" if method == "slots" else "")
+                                        + (" --background a" if method == "slots" and args.background == "a" else "")})
     base = rows[0]
     for r in rows:
         r["forgot_a"] = base["acc_a"] - r["acc_a"]

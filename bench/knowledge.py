@@ -211,7 +211,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy on the seen people and loss-based bits against N, one line per model (needs matplotlib)."""
+    """Accuracy on the seen people and loss-based bits against N, one line per model and step count (needs
+    matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -220,13 +221,17 @@ def plot(rows: list[dict], path: Path) -> None:
         print("no plot: pip install matplotlib", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for key in dict.fromkeys((r["model"], r["layers"], r["width"]) for r in rows):
-        points = sorted((r for r in rows if (r["model"], r["layers"], r["width"]) == key), key=lambda r: r["people"])
-        label = f"{key[0]} (L={key[1]}, d={key[2]})"
+    def key(r):
+        return r["model"], r["layers"], r["width"], r["steps"]
+    for line in dict.fromkeys(map(key, rows)):
+        points = sorted((r for r in rows if key(r) == line), key=lambda r: r["people"])
+        label = f"{line[0]} (L={line[1]}, d={line[2]}), {line[3]} steps"
         axes[0].plot([r["people"] for r in points], [r["acc_seen"] for r in points], "o-", label=label)
         axes[1].plot([r["people"] for r in points], [r["bits_loss"] for r in points], "o-", label=label)
     for ax, name in zip(axes, ["accuracy, seen people (exact answer)", "bits of knowledge (loss-based)"]):
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(sorted({r["people"] for r in rows}), [f"{n:,}" for n in sorted({r["people"] for r in rows})])
         ax.set_xlabel("people N")
         ax.set_ylabel(name)
     axes[0].legend(fontsize=8)
@@ -236,7 +241,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--people", default="1000,4000", help="comma-separated N")
+    parser.add_argument("--people", default="200,1000,4000", help="comma-separated N")
     parser.add_argument("--models", default="dense,memory", help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--layers", type=int, default=2, help="layers L (deep: 2L)")
     parser.add_argument("--width", type=int, default=64)

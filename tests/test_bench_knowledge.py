@@ -55,3 +55,12 @@ def test_knowledge_bits_count_exact_answers_and_the_loss_lower_bound(knowledge):
 def test_knowledge_bench_rejects_unknown_models(knowledge, capsys):
     assert knowledge.main(["--models", "dense,wide"]) == 2
     assert "--models takes dense, memory, deep" in capsys.readouterr().err
+
+
+def test_continual_bench_rejects_unknown_methods_before_any_work(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_continual", ROOT / "bench" / "continual.py")
+    continual = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(continual)
+    assert continual.main(["--methods", "full,adapters", "--out", str(tmp_path / "out")]) == 2
+    assert "--methods takes full, lora, memory, slots" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
