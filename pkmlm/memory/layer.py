@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pkmlm.distributed import set_where_
 from pkmlm.memory import kernels, triton_kernels
-from pkmlm.memory.sparse import inductor_sparse_outputs, row_sparse, row_sparse_grad
+from pkmlm.memory.sparse import coalesce_rows, inductor_sparse_outputs, row_sparse, row_sparse_grad
 
 KEY_INITS = ("uniform", "normal", "orthogonal")
 VALUE_INITS = ("normal", "zero")
@@ -177,8 +177,8 @@ class ProductKeyMemory(nn.Module):
         # Flat keys use the sub-keys' scale too, so that flat and product scores have the same spread.
         self.keys = nn.Parameter(_init_keys(shape, half**-0.5, key_init), requires_grad=learn_keys)
         self.values = values
-        # True when other memories read `values` too (set by whoever shares it, e.g. TransformerLM): under
-        # torch.compile each such read starts a new graph (see _read).
+        # True when other memories read `values` too (set by whoever shares it, e.g. TransformerLM, which then hands
+        # each memory its stand-in for the table: share_table).
         self.shared_table = False
         self.value_dropout = nn.Dropout(value_dropout)
         self.gate_proj = nn.Linear(input_dim, v_dim, bias=False) if gated else None
@@ -196,17 +196,18 @@ class ProductKeyMemory(nn.Module):
 
     # ---- forward path ---------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, table_grad_to: Tensor | None = None) -> Tensor:
         """(..., input_dim) -> (..., output_dim). `mask` (...) bool, True = real token.
 
         Padding tokens (mask False) are not looked up, do not enter the BatchNorm statistics or the
-        usage histograms, and get a zero output.
+        usage histograms, and get a zero output. `table_grad_to`: for a value table that several memories read,
+        this memory's stand-in for it from share_table, which receives the table's gradient instead.
         """
         x_flat, m = self._flatten(x, mask)
         if m is None:
-            out = self._read(x_flat)
+            out = self._read(x_flat, table_grad_to)
         else:
-            real = self._read(x_flat[m])
+            real = self._read(x_flat[m], table_grad_to)
             out = real.new_zeros(x_flat.shape[0], self.output_dim)
             out[m] = real
         return out.view(*x.shape[:-1], self.output_dim)
@@ -309,8 +310,8 @@ class ProductKeyMemory(nn.Module):
         scores = (keys[heads, indices] * q.unsqueeze(2)).sum(-1)  # (N, heads, knn)
         return scores, indices
 
-    def _read(self, x: Tensor) -> Tensor:
-        """(N, input_dim) -> (N, output_dim)."""
+    def _read(self, x: Tensor, table_grad_to: Tensor | None = None) -> Tensor:
+        """(N, input_dim) -> (N, output_dim); table_grad_to: see forward."""
         scores, indices, subkeys = self._search(self._query(x), with_subkeys=self.usage_counts is not None)
         # float32 weights even under autocast: bf16 weights over 32 slots lose the small ones.
         scores = scores.float() / self.score_temperature if self.score_temperature != 1.0 else scores.float()
@@ -327,12 +328,7 @@ class ProductKeyMemory(nn.Module):
         if not isinstance(self.values, nn.EmbeddingBag):  # a table that reads itself (pkmlm/memory/value_table.py)
             out = self.values.read(indices, weights)
         elif self.values.sparse:
-            if self.shared_table and torch.is_grad_enabled() and torch.compiler.is_compiling():
-                # Inductor cannot add two sparse gradients inside a graph (torch 2.13: aten.add of sparse fake
-                # tensors fails), and a table read by several memories gets one per memory: one graph per reader,
-                # autograd adds their gradients outside.
-                torch._dynamo.graph_break()
-            out = _sparse_read(table, indices, weights)
+            out = _sparse_read(table, indices, weights, table_grad_to)
         else:
             out = self.values(indices, per_sample_weights=weights)
         out = self.value_dropout(out)  # (N, v_dim), heads summed by the bag
@@ -508,17 +504,18 @@ _lookup.register_autograd(_lookup_grads, setup_context=_lookup_context)
 # from (rows, one summed row each)) comes out of the compiled backward as it does in eager mode.
 
 @torch.library.custom_op("pkmlm::value_read", mutates_args=())
-def _value_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+def _value_read(table: Tensor, indices: Tensor, weights: Tensor, table_grad_to: Tensor | None = None) -> Tensor:
     """The fused value read: table (rows, v_dim), indices and weights (N, R) -> out (N, v_dim) =
     sum_r weights[n, r] * table[indices[n, r]]. Triton on CUDA (pkmlm.memory.triton_kernels), else an
-    embedding bag; its backward is one fused pass (value_read_backward)."""
+    embedding bag; its backward is one fused pass (value_read_backward). The table's gradient goes to
+    table_grad_to when given (a stand-in from share_table), else to the table."""
     if triton_kernels.usable(table, weights):
         return triton_kernels.value_read(table, indices, weights)
     return F.embedding_bag(indices, table.detach(), per_sample_weights=weights.detach(), mode="sum")
 
 
 @_value_read.register_fake
-def _(table, indices, weights):
+def _(table, indices, weights, table_grad_to=None):
     return table.new_empty(indices.shape[0], table.shape[1])
 
 
@@ -542,14 +539,18 @@ def _(grad_out, table, indices, weights):
 
 
 def _value_read_context(ctx, inputs, output):
-    table, indices, weights = inputs
+    table, indices, weights, table_grad_to = inputs
     ctx.save_for_backward(table, indices, weights)
+    ctx.to_stand_in = table_grad_to is not None
 
 
 def _value_read_grads(ctx, grad_out):
     table, indices, weights = ctx.saved_tensors
     rows, row_grads, grad_weights = torch.ops.pkmlm.value_read_backward(grad_out, table, indices, weights)
-    return row_sparse(rows, row_grads, table.shape), None, grad_weights
+    grad_table = row_sparse(rows, row_grads, table.shape)
+    if ctx.to_stand_in:
+        return None, None, grad_weights, grad_table
+    return grad_table, None, grad_weights, None
 
 
 _value_read.register_autograd(_value_read_grads, setup_context=_value_read_context)
@@ -586,18 +587,86 @@ def _route_grads(ctx, grad_out):
 _row_sparse_route.register_autograd(_route_grads, setup_context=_route_context)
 
 
-def _sparse_read(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+def _sparse_read(table: Tensor, indices: Tensor, weights: Tensor, table_grad_to: Tensor | None = None) -> Tensor:
     """sum_r weights[n, r] * table[indices[n, r]]: (N, v_dim), with a row-sparse gradient for the table (one
-    summed row per slot read) and a dense one for the weights.
+    summed row per slot read; sent to table_grad_to instead when given, see share_table) and a dense one for the
+    weights.
 
     The fused read (value_read) for a float32 CPU table with the compiled kernels, or a CUDA table with Triton
     (pkmlm.memory.triton_kernels); otherwise an embedding bag, its table gradient by row_sparse_route.
     """
     if indices.dtype == torch.long and (kernels.usable(table, weights) or triton_kernels.usable(table, weights)):
+        if table_grad_to is not None:
+            return torch.ops.pkmlm.value_read(table.detach(), indices, weights, table_grad_to)
         return torch.ops.pkmlm.value_read(table, indices, weights)
-    # The table is read without autograd; row_sparse_route gives it its gradient.
+    # The table is read without autograd; row_sparse_route gives it (or its stand-in) its gradient.
     out = F.embedding_bag(indices, table.detach(), per_sample_weights=weights, mode="sum")
-    return torch.ops.pkmlm.row_sparse_route(out, table, indices, weights.detach())
+    grad_to = table if table_grad_to is None else table_grad_to
+    return torch.ops.pkmlm.row_sparse_route(out, grad_to, indices, weights.detach())
+
+
+def share_table(table: Tensor, n: int) -> list[Tensor]:
+    """n stand-ins for a value table (rows, v_dim) that n memories read in one forward, one per memory
+    (ProductKeyMemory.forward's table_grad_to): each memory sends its row-sparse gradient to its stand-in, and
+    one op (pkmlm::fan_out's backward) sums them into the table's, still row-sparse and coalesced.
+
+    Why: left to autograd, the memories' sparse gradients meet at the table and autograd adds them (aten.add),
+    which inductor cannot compile (torch 2.13: aten.add of sparse fake tensors fails); through stand-ins each
+    gradient has its own edge and the sum is a custom op, so a model sharing a table compiles into one graph.
+    """
+    return torch.ops.pkmlm.fan_out(table, n)
+
+
+@torch.library.custom_op("pkmlm::fan_out", mutates_args=())
+def _fan_out(table: Tensor, n: int) -> list[Tensor]:
+    """n stand-ins for table in autograd: zeros broadcast to its shape (no memory; autograd checks a gradient's
+    shape against its input's), never read."""
+    return [table.new_zeros(()).expand(table.shape) for _ in range(n)]
+
+
+@_fan_out.register_fake
+def _(table, n):
+    return [table.new_zeros(()).expand(table.shape) for _ in range(n)]
+
+
+def _fan_out_context(ctx, inputs, output):
+    ctx.table_shape = inputs[0].shape
+
+
+def _fan_out_grads(ctx, grads):
+    grads = [g for g in grads if g is not None]  # a stand-in that no read used
+    if not grads:
+        return None, None
+    rows, row_grads = torch.ops.pkmlm.sum_row_sparse(grads)
+    return row_sparse(rows, row_grads, ctx.table_shape), None
+
+
+_fan_out.register_autograd(_fan_out_grads, setup_context=_fan_out_context)
+
+
+@torch.library.custom_op("pkmlm::sum_row_sparse", mutates_args=())
+def _sum_row_sparse(grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The sum of row-sparse gradients (rows, dim) as its distinct rows (U,) int64 increasing and their summed
+    gradients (U, dim). Added as autograd adds the gradients of one tensor's users (the last one's first, each
+    sparse add summing a row's values in that order), so that sharing a table through share_table leaves eager
+    numbers unchanged."""
+    total = grads[-1]
+    for grad in reversed(grads[:-1]):
+        total = total + grad
+    total = coalesce_rows(total)
+    rows, row_grads = total._indices()[0], total._values()
+    # A custom op's outputs may not alias its inputs (one gradient alone, or a sum that kept one's tensors).
+    if any(row_grads.data_ptr() == g._values().data_ptr() or rows.data_ptr() == g._indices().data_ptr()
+           for g in grads):
+        rows, row_grads = rows.clone(), row_grads.clone()
+    return rows, row_grads
+
+
+@_sum_row_sparse.register_fake
+def _(grads):
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return grads[0].new_empty(rows, dtype=torch.long, layout=torch.strided), \
+        grads[0].new_empty(rows, grads[0].shape[1], layout=torch.strided)
 
 
 def _init_keys(shape: tuple[int, ...], scale: float, kind: str) -> Tensor:

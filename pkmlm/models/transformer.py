@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from pkmlm.config import Config
 from pkmlm.memory import ProductKeyMemory, make_value_table
+from pkmlm.memory.layer import share_table
 from pkmlm.memory.value_table import ShardedValueTable
 
 
@@ -199,20 +200,27 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(m.dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
-                rope: tuple[Tensor, Tensor] | None = None, window: int | None = None) -> Tensor:
-        """rope, window: see CausalSelfAttention.forward."""
+                rope: tuple[Tensor, Tensor] | None = None, window: int | None = None,
+                table_grad_to: tuple[Tensor | None, Tensor | None] = (None, None)) -> Tensor:
+        """rope, window: see CausalSelfAttention.forward. table_grad_to: the memory's and the after-memory's
+        stand-ins for a shared value table (TransformerLM.forward), or None."""
         x = x + self.dropout(self.attn(self.ln1(x), cache, layer, rope, window))
         h = self.ln2(x)
         if self.ffn is None:
-            y = self.memory(h)
+            y = _read(self.memory, h, table_grad_to[0])
         elif self.memory is None:
             y = self.ffn(h)
         else:
-            y = self.ffn(h) + self.memory(h)
+            y = self.ffn(h) + _read(self.memory, h, table_grad_to[0])
         x = x + self.dropout(y)
         if self.after_memory is not None:
-            x = x + self.dropout(self.after_memory(self.after_norm(x)))
+            x = x + self.dropout(_read(self.after_memory, self.after_norm(x), table_grad_to[1]))
         return x
+
+
+def _read(memory: nn.Module, h: Tensor, table_grad_to: Tensor | None) -> Tensor:
+    """memory(h), handing it its stand-in for a shared value table when there is one."""
+    return memory(h) if table_grad_to is None else memory(h, table_grad_to=table_grad_to)
 
 
 class TransformerLM(nn.Module):
@@ -328,14 +336,32 @@ class TransformerLM(nn.Module):
             x = self.dropout(self.tok_emb(idx))  # (B, T, d)
         else:
             x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
+        stand_ins = self._shared_table_stand_ins()
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, rope, window)
+            x = block(x, cache, i, rope, window, stand_ins[i])
         if window is not None:
             cache.slide(window)
         x = self.ln_f(x)
         if self.lm_head is not None:
             return self.lm_head(x)
         return F.linear(x, self.tok_emb.weight)  # tied output embedding
+
+    def _shared_table_stand_ins(self) -> list[tuple[Tensor | None, Tensor | None]]:
+        """Per block, its memory's and after-memory's stand-in for a row-sparse value table that several memories
+        read (pkmlm.memory.layer.share_table: their gradients summed by one op, so that torch.compile keeps the
+        model in one graph), or Nones: no shared table, or no gradient to send."""
+        pairs = [(block.memory, block.after_memory) for block in self.blocks]
+
+        def reads_shared(m) -> bool:
+            return isinstance(m, ProductKeyMemory) and m.shared_table
+
+        readers = [m for pair in pairs for m in pair if reads_shared(m)]
+        table = readers[0].values if readers else None
+        if not (len(readers) > 1 and isinstance(table, nn.EmbeddingBag) and table.sparse
+                and table.weight.requires_grad and torch.is_grad_enabled()):
+            return [(None, None)] * len(self.blocks)
+        stand_ins = iter(share_table(table.weight, len(readers)))
+        return [tuple([next(stand_ins) if reads_shared(m) else None for m in pair]) for pair in pairs]
 
     def memories(self) -> list[tuple[str, ProductKeyMemory]]:
         """(module name, memory) for every memory, in layer order, e.g. ("blocks.2.memory", m)."""
