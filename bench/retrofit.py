@@ -17,13 +17,15 @@ Fine-tuning (--finetune), the same steps, batches and optimizer settings for eve
 warmup, clipping and batches), (b) a Memory+ memory parallel to a middle layer's FFN trained alone
 (`train.freeze: [dense]`), (c) the same memory with everything trainable. Test perplexity before and after on
 the first --eval-windows windows of --bptt tokens, tokens/s (median step after the first) and peak RSS of each
-run's process; then --speed-rounds rounds of (a) and (a') taking turns, for a like-for-like speed comparison.
+run's process; then --speed-rounds short runs of (a) and (a') side by side (both at once, one thread each, so
+that load from elsewhere slows both alike), the like-for-like speed comparison (--speed-only: just that).
 Every row of the report carries the command that made it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -57,19 +59,26 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def measured(cmd: list[str]) -> tuple[str, str, float]:
-    """Run ``cmd``; its stdout, stderr and peak RSS in MB (that process alone, from wait4)."""
-    print("$ " + shlex.join(cmd), flush=True)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode:
-        sys.stderr.write(stderr[-4000:])
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return stdout, stderr, usage.ru_maxrss / 1024  # Linux: KiB
+def measured(*cmds: list[str], env: dict | None = None) -> list[tuple[str, str, float]]:
+    """Run ``cmds`` at the same time; each one's stdout, stderr and peak RSS in MB (that process alone, wait4)."""
+    for cmd in cmds:
+        print("$ " + shlex.join(cmd), flush=True)
+    results = []
+    with contextlib.ExitStack() as stack:
+        files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
+                 for _ in cmds]
+        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
+                 for cmd, (out, err) in zip(cmds, files)]
+        for cmd, proc, (out, err) in zip(cmds, procs, files):
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            if proc.returncode:
+                sys.stderr.write(stderr[-4000:])
+                raise subprocess.CalledProcessError(proc.returncode, cmd)
+            results.append((stdout, stderr, usage.ru_maxrss / 1024))  # Linux: KiB
+    return results
 
 
 def peak_rss_mb() -> float:
@@ -155,6 +164,7 @@ def side_torch_finetune(args) -> dict:
     from pkmlm.data.stream import TrainStream
     from pkmlm.training.optim import inverse_sqrt_warmup
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = load_transformers(args.gguf).train()
     stream = TrainStream(open_split(args.work / "bbc" / "train"), batch_size=args.train_batch,
@@ -225,17 +235,22 @@ def pkmlm_train(args, overrides: list[str], out: Path, steps: int, reuse: bool =
 
 
 def _pkmlm_train(cmd: list[str], out: Path, steps: int) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     if out.exists():
         shutil.rmtree(out)
-    _, _, rss = measured(cmd)
+    (_, _, rss), = measured(cmd)
+    return read_run(out, steps) | {"peak_rss_mb": rss, "command": shlex.join(cmd)}
+
+
+def read_run(out: Path, steps: int) -> dict:
+    """Per-step losses and tokens/s of a train.py run, from its TensorBoard scalars (logged every step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
     speeds = [e.value for e in events.Scalars("tokens_per_s")]
     if len(losses) != steps:
         raise SystemExit(f"expected {steps} logged steps from train.py, got {len(losses)}")
-    return {"losses": losses, "tokens_per_s": speeds, "peak_rss_mb": rss, "command": shlex.join(cmd)}
+    return {"losses": losses, "tokens_per_s": speeds}
 
 
 def side_cmd(args, side: str, *extra: str) -> list[str]:
@@ -246,13 +261,13 @@ def side_cmd(args, side: str, *extra: str) -> list[str]:
 def json_side(args, cmd: list[str], reuse: bool = True) -> dict:
     """The JSON line a ``--side`` process prints, with its peak RSS and command."""
     def make():
-        stdout, _, rss = measured(cmd)
+        (stdout, _, rss), = measured(cmd)
         return json.loads(stdout.strip().splitlines()[-1]) | {"peak_rss_mb": rss, "command": shlex.join(cmd)}
     return cached(args, cmd, make, reuse)
 
 
 def finetune(args) -> str:
-    """Rows (a), (a'), (b), (c) and the interleaved speed rounds; the markdown report."""
+    """Rows (a), (a'), (b), (c) and the speed rounds; the markdown report."""
     training = ["--steps", str(args.steps), "--train-batch", str(args.train_batch), "--train-bptt",
                 str(args.train_bptt), "--lr", str(args.lr), "--warmup", str(args.warmup)]
     evaluate = ["--max-batches", str(args.eval_windows)]
@@ -267,19 +282,39 @@ def finetune(args) -> str:
         if name == "dense":
             rows["dense_torch"] = json_side(args, side_cmd(args, "torch-finetune", *training, *evaluate))
             print("dense_torch", rows["dense_torch"]["ppl"], flush=True)
-    speed = {"pkmlm": [], "torch": []}
-    short = args.speed_steps
-    overrides = [o for o in finetune_variants(args)["dense"] if not o.startswith(("train.max_steps", "train.eval_every",
-                                                                                   "train.checkpoint_every"))]
-    overrides += [f"train.max_steps={short}", f"train.eval_every={short}", f"train.checkpoint_every={short}"]
-    training[1] = str(short)
-    for _ in range(args.speed_rounds):  # taking turns, so load changes hit both sides alike
-        r = pkmlm_train(args, overrides, args.work / "ft_speed", short, reuse=False)
-        speed["pkmlm"].append(median_after_first(r["tokens_per_s"]))
-        r = json_side(args, side_cmd(args, "torch-finetune", *training), reuse=False)
-        speed["torch"].append(median_after_first(r["tokens_per_s"]))
-        print("speed round", {k: v[-1] for k, v in speed.items()}, flush=True)
-    return report(args, before, rows, speed)
+    return report(args, before, rows, speed_rounds(args))
+
+
+def speed_rounds(args) -> dict[str, list[float]]:
+    """(a) and (a') for --speed-steps steps, both at once with one thread each, --speed-rounds times: load from
+    elsewhere on the machine then slows both alike. Median tokens/s after the first step, per round and side."""
+    short, out = args.speed_steps, args.work / "ft_speed"
+    dense = [o for o in finetune_variants(args)["dense"]
+             if not o.startswith(("train.max_steps", "train.eval_every", "train.checkpoint_every"))]
+    dense += [f"train.max_steps={short}", f"train.eval_every={short}", f"train.checkpoint_every={short}"]
+    one_thread = argparse.Namespace(**{**vars(args), "threads": 1})
+    torch_cmd = side_cmd(one_thread, "torch-finetune", "--steps", str(short), "--train-batch", str(args.train_batch),
+                         "--train-bptt", str(args.train_bptt), "--lr", str(args.lr), "--warmup", str(args.warmup))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    speed = {"pkmlm": [], "torch": [], "commands": [f"OMP_NUM_THREADS=1 {shlex.join(train_cmd(args, dense, out))}",
+                                                    f"OMP_NUM_THREADS=1 {shlex.join(torch_cmd)}"]}
+    for _ in range(args.speed_rounds):
+        if out.exists():
+            shutil.rmtree(out)
+        _, (stdout, _, _) = measured(train_cmd(args, dense, out), torch_cmd, env=env)
+        speed["pkmlm"].append(median_after_first(read_run(out, short)["tokens_per_s"]))
+        speed["torch"].append(median_after_first(json.loads(stdout.strip().splitlines()[-1])["tokens_per_s"]))
+        print("speed round", {k: speed[k][-1] for k in ("pkmlm", "torch")}, flush=True)
+    return speed
+
+
+def speed_report(args, speed: dict) -> str:
+    p, t = statistics.median(speed["pkmlm"]), statistics.median(speed["torch"])
+    return (f"Speed: {args.speed_rounds} rounds in which (a) and (a') ran {args.speed_steps} steps at the same time, "
+            f"one thread each (so load from elsewhere slows both alike); median tokens/s after the first step: pkmlm "
+            f"{', '.join(f'{v:.1f}' for v in speed['pkmlm'])}; transformers + torch "
+            f"{', '.join(f'{v:.1f}' for v in speed['torch'])}; medians {p:.1f} against {t:.1f} ({p / t:.2f}x). "
+            f"Commands: `{speed['commands'][0]}` and `{speed['commands'][1]}`.")
 
 
 def report(args, before: dict, rows: dict, speed: dict) -> str:
@@ -295,13 +330,9 @@ def report(args, before: dict, rows: dict, speed: dict) -> str:
                      f"{r['losses'][-1]:.3f} | {median_after_first(r['tokens_per_s']):.0f} | "
                      f"{r['peak_rss_mb']:.0f} |")
     gap = max(abs(a - b) for a, b in zip(rows["dense"]["losses"], rows["dense_torch"]["losses"]))
-    p, t = statistics.median(speed["pkmlm"]), statistics.median(speed["torch"])
     lines += ["", f"Train loss of (a) against (a'), step by step: largest difference {gap:.2e} "
               f"(first step {rows['dense']['losses'][0]:.5f} against {rows['dense_torch']['losses'][0]:.5f}).",
-              "", f"Speed, {args.speed_rounds} rounds of {args.speed_steps} steps taking turns (median step after "
-              f"the first, per round): pkmlm {', '.join(f'{v:.0f}' for v in speed['pkmlm'])} tokens/s; "
-              f"transformers + torch {', '.join(f'{v:.0f}' for v in speed['torch'])} tokens/s; medians {p:.0f} "
-              f"against {t:.0f} ({p / t:.2f}x).", "", "Commands:", "",
+              "", speed_report(args, speed), "", "Commands:", "",
               f"- before: `{before['command']}`"]
     for name in ("dense", "dense_torch", "memory_frozen_dense", "memory_all"):
         lines.append(f"- {name}: `{rows[name]['command']}`")
@@ -348,8 +379,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-layer", type=int, default=15, help="the block whose FFN the memory sits beside")
     parser.add_argument("--memory-keys", type=int, default=256, help="memory.n_keys (slots: its square)")
     parser.add_argument("--eval-windows", type=int, default=8, help="fine-tuning: test windows scored")
-    parser.add_argument("--speed-rounds", type=int, default=2, help="fine-tuning: rounds of the speed comparison")
+    parser.add_argument("--speed-rounds", type=int, default=3, help="fine-tuning: rounds of the speed comparison")
     parser.add_argument("--speed-steps", type=int, default=4, help="fine-tuning: steps per run in those rounds")
+    parser.add_argument("--speed-only", action="store_true", help="with --finetune: only the speed comparison")
     parser.add_argument("--side", choices=("pkmlm", "transformers", "torch-finetune"), help=argparse.SUPPRESS)
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -370,7 +402,9 @@ def main(argv=None) -> int:
         run([py, "-m", "pkmlm.data.prepare", "--corpus", "bbc_news", "--out", str(args.work / "bbc"),
              "--hf-tokenizer", str(args.work / "smollm2" / "tokenizer")])
     ok = True
-    if args.finetune:
+    if args.finetune and args.speed_only:
+        table = speed_report(args, speed_rounds(args))
+    elif args.finetune:
         table = finetune(args)
     else:
         table, ok = parity(args)
