@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 from pathlib import Path
@@ -106,3 +107,36 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of several seconds or more (make test-fast skips them)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped with the reason without one; "
                                        "scripts/gpu_check.sh runs them)")
+
+
+HF_TEXTS = ["The minister said the plan would work.\nShares rose.", "Shares in the company fell 5% on Monday.",
+            "The government said no to the plan."]
+
+
+def make_hf_tokenizer(directory, vocab_size=300, specials=("<|endoftext|>",), config=None):
+    """A byte-level BPE (the `tokenizers` library) trained on HF_TEXTS, saved as directory/tokenizer.json
+    (+ tokenizer_config.json from ``config``): a pretrained model's tokenizer without a download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(HF_TEXTS * 20, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    if config:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def assert_causal(model, idx, vocab_size, position=7):
+    """Changing token ``position`` of ``idx`` (B, T) leaves ``model``'s logits before it unchanged and changes
+    those from it on."""
+    import torch
+
+    changed = idx.clone()
+    changed[:, position] = (changed[:, position] + 1) % vocab_size
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :position], b[:, :position], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, position:], b[:, position:])

@@ -3,8 +3,6 @@ record it, and evaluation, generation and inspection decode through it."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -15,26 +13,7 @@ from pkmlm.data.bpe import load_tokenizer  # noqa: E402
 from pkmlm.data.hf_tokenizer import save_hf_tokenizer  # noqa: E402
 from pkmlm.data.prepare import MergeSettings, main, prepare  # noqa: E402
 from pkmlm.data.shards import open_split  # noqa: E402
-
-TEXTS = ["The minister said the plan would work.\nShares rose.", "Shares in the company fell 5% on Monday.",
-         "The government said no to the plan."]
-
-
-def make_tokenizer(directory, vocab_size=300, specials=("<|endoftext|>",), config=None):
-    """A byte-level BPE trained on three sentences, saved as directory/tokenizer.json (+ tokenizer_config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    if config:
-        (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
-
+from conftest import make_hf_tokenizer  # noqa: E402  (tests/conftest.py)
 
 def corpus(tmp_path, n=8):
     folder = tmp_path / "in"
@@ -46,7 +25,7 @@ def corpus(tmp_path, n=8):
 
 def test_prepare_encodes_raw_text_with_the_pretrained_tokenizer(tmp_path):
     """No Moses: each document is exactly the tokenizer's ids of its raw text, then the end-of-text id."""
-    tok_dir = make_tokenizer(tmp_path / "tok")
+    tok_dir = make_hf_tokenizer(tmp_path / "tok")
     report = prepare(tmp_path / "data", inputs=[corpus(tmp_path)], workers=1, progress="off",
                      settings=MergeSettings(hf_tokenizer=str(tok_dir), valid="1", test="1"))
     tokenizer = load_tokenizer(tmp_path / "data" / "tokenizer")
@@ -64,11 +43,11 @@ def test_prepare_encodes_raw_text_with_the_pretrained_tokenizer(tmp_path):
 
 def test_the_same_source_gives_the_same_vocabulary_hash(tmp_path):
     """prepare --hf-tokenizer and pkmlm.hf import read one source to one hash; another eos or vocabulary differs."""
-    tok_dir = make_tokenizer(tmp_path / "tok")
+    tok_dir = make_hf_tokenizer(tmp_path / "tok")
     a = save_hf_tokenizer(tok_dir, tmp_path / "a")
     b = save_hf_tokenizer(tmp_path / "a", tmp_path / "b")  # a pkmlm "hf" tokenizer directory is a source too
     assert a.vocab_hash == b.vocab_hash
-    make_tokenizer(tmp_path / "tok2", specials=("<s>", "</s>"), config={"eos_token": "</s>"})
+    make_hf_tokenizer(tmp_path / "tok2", specials=("<s>", "</s>"), config={"eos_token": "</s>"})
     c = save_hf_tokenizer(tmp_path / "tok2", tmp_path / "d")
     assert c.pieces[c.eos_id] == "</s>" and c.vocab_hash != a.vocab_hash
     assert save_hf_tokenizer(tmp_path / "tok2", tmp_path / "e", eos_token="<s>").vocab_hash != c.vocab_hash
@@ -76,7 +55,7 @@ def test_the_same_source_gives_the_same_vocabulary_hash(tmp_path):
 
 def test_bad_hf_tokenizer_options_are_one_line(tmp_path, capsys):
     """Missing source, unknown eos token, both tokenizers: exit 2 with one line, before any work."""
-    tok_dir = make_tokenizer(tmp_path / "tok")
+    tok_dir = make_hf_tokenizer(tmp_path / "tok")
     folder = corpus(tmp_path)
     cases = [(["--hf-tokenizer", str(tmp_path / "nope")], "does not exist"),
              (["--hf-tokenizer", str(tok_dir), "--eos-token", "<zzz>"], "is not in the tokenizer's vocabulary"),
@@ -92,8 +71,8 @@ def test_bad_hf_tokenizer_options_are_one_line(tmp_path, capsys):
 def test_data_of_another_vocabulary_is_one_clear_error(tmp_path):
     """Data prepared with one tokenizer, opened for a model of another: a DataError naming both hashes."""
     prepare(tmp_path / "data", inputs=[corpus(tmp_path)], workers=1, progress="off",
-            settings=MergeSettings(hf_tokenizer=str(make_tokenizer(tmp_path / "tok")), valid="1", test="1"))
-    other = save_hf_tokenizer(make_tokenizer(tmp_path / "tok2", vocab_size=280), tmp_path / "other")
+            settings=MergeSettings(hf_tokenizer=str(make_hf_tokenizer(tmp_path / "tok")), valid="1", test="1"))
+    other = save_hf_tokenizer(make_hf_tokenizer(tmp_path / "tok2", vocab_size=280), tmp_path / "other")
     with pytest.raises(DataError, match="differs from the model's"):
         open_split(tmp_path / "data" / "valid", expected_vocab_hash=other.vocab_hash)
     assert np.asarray(open_split(tmp_path / "data" / "valid").read(0, 3)).shape == (3,)

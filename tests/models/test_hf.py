@@ -22,27 +22,10 @@ from pkmlm.eval.evaluation import load_trained  # noqa: E402
 from pkmlm.eval.sampling import generate  # noqa: E402
 from pkmlm.models.hf import HFError, export_pretrained, import_pretrained  # noqa: E402
 from pkmlm.models.transformer import TransformerLM  # noqa: E402
+from conftest import HF_TEXTS, make_hf_tokenizer  # noqa: E402  (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
-TEXTS = ["The minister said the plan would work.\nShares rose.", "Shares in the company fell 5% on Monday.",
-         "The government said no to the plan."]
-
-
-def make_tokenizer(directory, specials=("<|endoftext|>",)):
-    """A byte-level BPE of VOCAB ids trained on three sentences, saved as directory/tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    return directory
-
-
 def hf_model(family: str):
     """A tiny random transformers model of `family`, with weights large enough to give varied greedy tokens."""
     t = transformers
@@ -73,7 +56,7 @@ def saved(tmp_path, family):
     model = hf_model(family)
     directory = tmp_path / family
     model.save_pretrained(directory)
-    make_tokenizer(directory)
+    make_hf_tokenizer(directory, vocab_size=VOCAB)
     return model, directory
 
 
@@ -141,7 +124,7 @@ def test_import_reads_sharded_safetensors_with_index(tmp_path):
     model = hf_model("llama")
     model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
-    make_tokenizer(tmp_path / "src")
+    make_hf_tokenizer(tmp_path / "src", vocab_size=VOCAB)
     report = import_pretrained(tmp_path / "src", tmp_path / "run")
     run = load_trained(report.checkpoint)
     with torch.no_grad():
@@ -215,7 +198,7 @@ def test_export_memory_variants(tmp_path):
 
 def load_tokenizer_dir(tmp_path):
     from pkmlm.data.hf_tokenizer import save_hf_tokenizer
-    make_tokenizer(tmp_path / "src_tok")
+    make_hf_tokenizer(tmp_path / "src_tok", vocab_size=VOCAB)
     return save_hf_tokenizer(tmp_path / "src_tok", tmp_path / "tokenizer").directory
 
 
@@ -274,7 +257,7 @@ def test_gguf_round_trip(tmp_path):
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(500.0)
     writer.add_vocab_size(VOCAB)
-    make_tokenizer(tmp_path / "tok", specials=("<|endoftext|>",))
+    make_hf_tokenizer(tmp_path / "tok", vocab_size=VOCAB, specials=("<|endoftext|>",))
     vocab = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
     pieces = sorted(vocab["model"]["vocab"], key=vocab["model"]["vocab"].get)
     writer.add_tokenizer_model("gpt2")
@@ -338,7 +321,7 @@ def test_imported_run_through_the_command_lines(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(6):
-        (docs / f"{i}.txt").write_text(f"{TEXTS[i % 3]} Document {i}.\n")
+        (docs / f"{i}.txt").write_text(f"{HF_TEXTS[i % 3]} Document {i}.\n")
     prepare(tmp_path / "data", inputs=[docs], workers=1, progress="off",
             settings=MergeSettings(hf_tokenizer=str(tmp_path / "run" / "tokenizer"), valid="2", test="1"))
 
@@ -388,7 +371,7 @@ def test_import_retrofit_export_chain(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(8):
-        (docs / f"{i}.txt").write_text(f"{TEXTS[i % 3]} Document {i}.\n")
+        (docs / f"{i}.txt").write_text(f"{HF_TEXTS[i % 3]} Document {i}.\n")
     prepare(tmp_path / "data", inputs=[docs], workers=1, progress="off",
             settings=MergeSettings(hf_tokenizer=str(run / "tokenizer"), valid="1", test="1"))
     overrides = [f"data.dir={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'ft'}", "train.max_steps=3",
