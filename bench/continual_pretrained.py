@@ -25,11 +25,13 @@ import argparse
 import json
 import math
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from retrofit import run  # noqa: E402  (bench/retrofit.py: print the command, then run it)
 
 # Completions a small English LM is likely to know; only those the imported model gets right are kept.
 PROBES = [
@@ -67,11 +69,6 @@ METHODS = {"full": ["train.trainable=all"], "lora": ["train.trainable=lora", "tr
            "memory": ["train.trainable=memory"], "slots": ["train.trainable=slots"]}
 
 
-def run(cmd: list[str]) -> None:
-    print("$ " + shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-
-
 def held_facts(args) -> Path:
     """WORK/held.jsonl: the probes the imported model completes exactly (greedy)."""
     from pkmlm.eval.evaluation import load_trained
@@ -105,9 +102,11 @@ def new_people(args) -> Path:
 
 
 def teach(args, method: str, lr: float, people: Path) -> tuple[Path, str]:
+    from pkmlm.eval.evaluation import find_checkpoint
+
     out = args.work / "continual" / f"{method}_lr{lr:g}"
     cmd = [sys.executable, "train.py", "--config", str(args.retrofitted / "config.yaml"), "--init-from",
-           str(latest(args.retrofitted)), f"data.dir={people / 'data'}", f"data.batch_size={args.batch}",
+           str(find_checkpoint(args.retrofitted)), f"data.dir={people / 'data'}", f"data.batch_size={args.batch}",
            f"data.bptt={args.bptt}", f"train.max_steps={args.steps}", f"train.lr={lr:g}",
            f"train.value_lr={lr * args.value_lr_ratio:g}", "train.warmup_steps=0", "train.freeze=[]",
            f"train.log_every={args.steps}", f"train.eval_every={args.steps}", "train.eval_batches=1",
@@ -119,12 +118,6 @@ def teach(args, method: str, lr: float, people: Path) -> tuple[Path, str]:
     if not (out / "checkpoints").is_dir():
         run(cmd)
     return out, shlex.join(cmd)
-
-
-def latest(run_dir: Path) -> Path:
-    from pkmlm.eval.evaluation import find_checkpoint
-
-    return find_checkpoint(run_dir)
 
 
 def measure(args, run_dir: Path, people: Path, held: Path) -> dict:

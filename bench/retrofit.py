@@ -197,12 +197,12 @@ def median_after_first(values: list[float]) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
-def finetune_variants(args) -> dict[str, list[str]]:
-    """train.py overrides of rows (a), (b), (c) on top of the imported run's config."""
+def finetune_variants(args, steps: int) -> dict[str, list[str]]:
+    """train.py overrides of rows (a), (b), (c) on top of the imported run's config, for ``steps`` steps."""
     common = [f"data.dir={args.work / 'bbc'}", f"data.batch_size={args.train_batch}", f"data.bptt={args.train_bptt}",
-              f"train.max_steps={args.steps}", f"train.lr={args.lr}", f"train.value_lr={args.value_lr}",
-              f"train.warmup_steps={args.warmup}", "train.log_every=1", f"train.eval_every={args.steps}",
-              "train.eval_batches=1", f"train.checkpoint_every={args.steps}", "train.keep_checkpoints=1"]
+              f"train.max_steps={steps}", f"train.lr={args.lr}", f"train.value_lr={args.value_lr}",
+              f"train.warmup_steps={args.warmup}", "train.log_every=1", f"train.eval_every={steps}",
+              "train.eval_batches=1", f"train.checkpoint_every={steps}", "train.keep_checkpoints=1"]
     memory = [f"memory.positions=['{args.memory_layer}:parallel']", f"memory.n_keys={args.memory_keys}",
               "memory.heads=4", "memory.knn=32", "memory.k_dim=512", "memory.gated=true", "memory.qk_norm=true",
               "memory.query_batchnorm=false"]
@@ -216,7 +216,8 @@ def train_cmd(args, overrides: list[str], out: Path) -> list[str]:
 
 
 def cached(args, cmd: list[str], make, reuse: bool = True) -> dict:
-    """``make()``'s result for ``cmd``, kept in WORK/bench_cache so that a rerun skips what already ran."""
+    """``make()``'s result for ``cmd``, kept in WORK/bench_cache so that a rerun skips what already ran (delete
+    that directory to measure everything again)."""
     path = args.work / "bench_cache" / (hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:16] + ".json")
     if reuse and path.is_file():
         print("(already measured) " + shlex.join(cmd), flush=True)
@@ -266,21 +267,25 @@ def json_side(args, cmd: list[str], reuse: bool = True) -> dict:
     return cached(args, cmd, make, reuse)
 
 
+def torch_finetune_cmd(args, steps: int, *extra: str) -> list[str]:
+    """Row (a'): ``--side torch-finetune`` with (a)'s batches and optimizer settings, for ``steps`` steps."""
+    return side_cmd(args, "torch-finetune", "--steps", str(steps), "--train-batch", str(args.train_batch),
+                    "--train-bptt", str(args.train_bptt), "--lr", str(args.lr), "--warmup", str(args.warmup), *extra)
+
+
 def finetune(args) -> str:
     """Rows (a), (a'), (b), (c) and the speed rounds; the markdown report."""
-    training = ["--steps", str(args.steps), "--train-batch", str(args.train_batch), "--train-bptt",
-                str(args.train_bptt), "--lr", str(args.lr), "--warmup", str(args.warmup)]
     evaluate = ["--max-batches", str(args.eval_windows)]
     before = json_side(args, side_cmd(args, "pkmlm", *evaluate))
     print("before", before, flush=True)
     rows = {}
-    for name, overrides in finetune_variants(args).items():
+    for name, overrides in finetune_variants(args, args.steps).items():
         out = args.work / f"ft_{name}"
         rows[name] = pkmlm_train(args, overrides, out, args.steps)
         rows[name]["after"] = json_side(args, side_cmd(args, "pkmlm", *evaluate, "--run", str(out)))
         print(name, {k: v for k, v in rows[name].items() if k != "losses"}, flush=True)
         if name == "dense":
-            rows["dense_torch"] = json_side(args, side_cmd(args, "torch-finetune", *training, *evaluate))
+            rows["dense_torch"] = json_side(args, torch_finetune_cmd(args, args.steps, *evaluate))
             print("dense_torch", rows["dense_torch"]["ppl"], flush=True)
     return report(args, before, rows, speed_rounds(args))
 
@@ -289,12 +294,8 @@ def speed_rounds(args) -> dict[str, list[float]]:
     """(a) and (a') for --speed-steps steps, both at once with one thread each, --speed-rounds times: load from
     elsewhere on the machine then slows both alike. Median tokens/s after the first step, per round and side."""
     short, out = args.speed_steps, args.work / "ft_speed"
-    dense = [o for o in finetune_variants(args)["dense"]
-             if not o.startswith(("train.max_steps", "train.eval_every", "train.checkpoint_every"))]
-    dense += [f"train.max_steps={short}", f"train.eval_every={short}", f"train.checkpoint_every={short}"]
-    one_thread = argparse.Namespace(**{**vars(args), "threads": 1})
-    torch_cmd = side_cmd(one_thread, "torch-finetune", "--steps", str(short), "--train-batch", str(args.train_batch),
-                         "--train-bptt", str(args.train_bptt), "--lr", str(args.lr), "--warmup", str(args.warmup))
+    dense = finetune_variants(args, short)["dense"]
+    torch_cmd = torch_finetune_cmd(argparse.Namespace(**{**vars(args), "threads": 1}), short)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     speed = {"pkmlm": [], "torch": [], "commands": [f"OMP_NUM_THREADS=1 {shlex.join(train_cmd(args, dense, out))}",
                                                     f"OMP_NUM_THREADS=1 {shlex.join(torch_cmd)}"]}
