@@ -35,7 +35,10 @@ def run(body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        # One write of the whole line: ranks of a torchrun job share stderr, and print's separate write of the
+        # newline let two ranks' errors run into one line.
+        sys.stderr.write(f"error: {one_line(e)}\n")
+        sys.stderr.flush()
         return USAGE_EXIT_CODE
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from pkmlm import checkpoint as ckpt
-from pkmlm.checkpoint import CheckpointError
-from pkmlm.config import Config, ConfigError
+from pkmlm.cli import run
+from pkmlm.config import Config
 from pkmlm.data import DataError
-from pkmlm.eval.evaluation import EvaluationError, find_checkpoint, load_model
+from pkmlm.eval.evaluation import find_checkpoint, load_model
 from pkmlm.eval.textcodec import load_codec
 from pkmlm.models.hf import HFError, export_pretrained, import_pretrained
 
@@ -47,30 +47,29 @@ def main(argv=None) -> int:
     exp.add_argument("--remote-code", action="store_true",
                      help="always export as model_type pkmlm with its modeling code, also a gpt2/llama-shaped model")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "import":
-            if args.bptt < 1 or args.batch_size < 1:
-                raise HFError(f"--bptt ({args.bptt}) and --batch-size ({args.batch_size}) must be positive")
-            report = import_pretrained(args.source, args.out, eos_token=args.eos_token, bptt=args.bptt,
-                                       batch_size=args.batch_size)
-        else:
-            path = find_checkpoint(args.path)
-            state = ckpt.load_checkpoint(path)
-            config = Config.from_dict(state["config"], source=f"{path} (saved config)")
-            root = Path(args.data_dir or config.data.dir)
-            try:
-                codec = load_codec(root, vocab_hash=state["vocab_hash"])
-            except DataError as e:
-                raise DataError(f"{e} (export writes the run's tokenizer: pass --data-dir with the data the run "
-                                "was trained on)") from None
-            model = load_model(state, path, torch.device("cpu"))
-            report = export_pretrained(model, args.out, tokenizer_dir=codec.tokenizer.directory,
-                                       native=not args.remote_code)
-    except (HFError, CheckpointError, ConfigError, DataError, EvaluationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: _command(args))
+
+
+def _command(args) -> None:
+    if args.command == "import":
+        if args.bptt < 1 or args.batch_size < 1:
+            raise HFError(f"--bptt ({args.bptt}) and --batch-size ({args.batch_size}) must be positive")
+        report = import_pretrained(args.source, args.out, eos_token=args.eos_token, bptt=args.bptt,
+                                   batch_size=args.batch_size)
+    else:
+        path = find_checkpoint(args.path)
+        state = ckpt.load_checkpoint(path)
+        config = Config.from_dict(state["config"], source=f"{path} (saved config)")
+        root = Path(args.data_dir or config.data.dir)
+        try:
+            codec = load_codec(root, vocab_hash=state["vocab_hash"])
+        except DataError as e:
+            raise DataError(f"{e} (export writes the run's tokenizer: pass --data-dir with the data the run "
+                            "was trained on)") from None
+        model = load_model(state, path, torch.device("cpu"))
+        report = export_pretrained(model, args.out, tokenizer_dir=codec.tokenizer.directory,
+                                   native=not args.remote_code)
     print(report.summary())
-    return 0
 
 
 if __name__ == "__main__":

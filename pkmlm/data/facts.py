@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pkmlm.cli import run
 from pkmlm.data import DataError
 from pkmlm.data.corpora import CORPORA
 from pkmlm.fileio import write_text_atomic
@@ -303,19 +304,18 @@ def main(argv=None) -> int:
                         help="write the qa_train pairs this many times, each in a new order across people")
     parser.add_argument("--mix", help="mix an embedded corpus in, CORPUS:SHARE of the characters, e.g. bbc_news:0.5")
     args = parser.parse_args(argv)
-    try:
-        info = write_corpus(args.out, args.people, seed=args.seed, first=args.first, bios=args.bios,
-                            qa_test_fraction=args.qa_test_fraction, qa_text=not args.no_qa_text, mix=args.mix,
-                            qa_repeats=args.qa_repeats)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: _write(args))
+
+
+def _write(args) -> None:
+    info = write_corpus(args.out, args.people, seed=args.seed, first=args.first, bios=args.bios,
+                        qa_test_fraction=args.qa_test_fraction, qa_text=not args.no_qa_text, mix=args.mix,
+                        qa_repeats=args.qa_repeats)
     print(f"{info['people']} people, {info['biographies']} biographies, {info['qa_train']} train and "
           f"{info['qa_test']} test questions, {info['bits_per_person']:.1f} bits per person"
           + (f", {info['mixed_share']:.0%} of the characters from {args.mix.split(':')[0]}" if args.mix else ""))
     print(f"next: python -m pkmlm.data.prepare --input {Path(args.out) / 'text'} --split-documents blank-line "
           f"--valid 0.01 --test 0.01 --out DATA_DIR")
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,13 +32,11 @@ import numpy as np
 import torch
 import yaml
 
+from pkmlm import cli
 from pkmlm.cli import UserError
-from pkmlm.checkpoint import CheckpointError
-from pkmlm.config import ConfigError
-from pkmlm.data import DataError
 from pkmlm.data.shards import open_split
-from pkmlm.eval.evaluation import EvaluationError, load_trained
-from pkmlm.eval.qa import QAError, continuation_scores, load_qa
+from pkmlm.eval.evaluation import load_trained
+from pkmlm.eval.qa import continuation_scores, load_qa
 from pkmlm.eval.sampling import generate
 from pkmlm.eval.textcodec import TextCodec
 from pkmlm.fileio import write_text_atomic
@@ -213,24 +211,23 @@ def main(argv=None) -> int:
     parser.add_argument("--include-path", help="a directory of further lm-eval task YAML files")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
+    return cli.run(lambda: _evaluate(args))
+
+
+def _evaluate(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    try:
-        if not tasks:
-            raise HarnessError("--tasks is empty: e.g. --tasks pkmlm_cloze")
-        if args.docs < 1:
-            raise HarnessError(f"--docs must be >= 1, got {args.docs}")
-        results = run(args.path, tasks, qa=args.qa, data_dir=args.data_dir, split=args.split, docs=args.docs,
-                      work_dir=args.work_dir, limit=args.limit, batch_size=args.batch_size, device=args.device,
-                      include_path=args.include_path)
-    except (HarnessError, EvaluationError, CheckpointError, ConfigError, DataError, QAError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not tasks:
+        raise HarnessError("--tasks is empty: e.g. --tasks pkmlm_cloze")
+    if args.docs < 1:
+        raise HarnessError(f"--docs must be >= 1, got {args.docs}")
+    results = run(args.path, tasks, qa=args.qa, data_dir=args.data_dir, split=args.split, docs=args.docs,
+                  work_dir=args.work_dir, limit=args.limit, batch_size=args.batch_size, device=args.device,
+                  include_path=args.include_path)
     for task, metrics in results.items():
         print(f"{task}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in metrics.items()))
     if args.json:
         write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
