@@ -104,7 +104,7 @@ def new_people(args) -> Path:
 def teach(args, method: str, lr: float, people: Path) -> tuple[Path, str]:
     from pkmlm.eval.evaluation import find_checkpoint
 
-    out = args.work / "continual" / f"{method}_lr{lr:g}"
+    out = args.work / "continual" / args.retrofitted.name / f"{method}_lr{lr:g}"
     cmd = [sys.executable, "train.py", "--config", str(args.retrofitted / "config.yaml"), "--init-from",
            str(find_checkpoint(args.retrofitted)), f"data.dir={people / 'data'}", f"data.batch_size={args.batch}",
            f"data.bptt={args.bptt}", f"train.max_steps={args.steps}", f"train.lr={lr:g}",
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                      f"{base['acc_held'] - r['acc_held']:+.1%} | {r['logprob_held']:.2f} | {r['bbc_ppl']:.2f} |")
     text = "\n".join(lines) + "\n\nCommands:\n\n" + "\n".join(f"    {r['command']}" for r in rows) + "\n"
     print(text)
-    (args.work / "continual" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.work / "continual" / args.retrofitted.name / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.report:
         args.report.write_text(text)
     return 0
