@@ -224,23 +224,25 @@ class ValuesFile:
         return struct.unpack("<q", head[8:])[0]
 
     def _records(self):
-        """(rows, table rows, moments, steps) of each journal record, in order; a torn last record is
-        ignored (its rows were not changed: changes wait for the fsync). A record holds the moments of
-        the rows with a step count only (the others' are zero)."""
-        data = self.undo.read_bytes()
-        pos, d = 16, self.dim
-        while pos + 16 <= len(data):
-            n, m = struct.unpack_from("<qq", data, pos)
-            size = 16 + n * 8 + n * d * 4 + n * 8 + m * 2 * d * 4
-            if n <= 0 or not 0 <= m <= n or pos + size > len(data):
-                break
-            buf = torch.frombuffer(bytearray(data[pos + 16:pos + size]), dtype=torch.uint8)
-            rows, table, steps, stepped = buf.split([n * 8, n * d * 4, n * 8, m * 2 * d * 4])
-            steps = steps.view(torch.int64)
-            moments = torch.zeros(n, 2, d)
-            moments[steps > 0] = stepped.view(torch.float32).view(m, 2, d)
-            yield rows.view(torch.int64), table.view(torch.float32).view(n, d), moments, steps
-            pos += size
+        """(rows, table rows, moments, steps) of each journal record, in order, read one record at a time (a
+        journal can hold most of the table); a torn last record is ignored (its rows were not changed:
+        changes wait for the fsync). A record holds the moments of the rows with a step count only (the
+        others' are zero)."""
+        d = self.dim
+        with open(self.undo, "rb") as f:
+            f.seek(16)
+            while len(head := f.read(16)) == 16:
+                n, m = struct.unpack("<qq", head)
+                if n <= 0 or not 0 <= m <= n:
+                    break
+                buf = torch.empty(n * 8 + n * d * 4 + n * 8 + m * 2 * d * 4, dtype=torch.uint8)
+                if f.readinto(memoryview(buf.numpy())) != buf.numel():
+                    break
+                rows, table, steps, stepped = buf.split([n * 8, n * d * 4, n * 8, m * 2 * d * 4])
+                steps = steps.view(torch.int64)
+                moments = torch.zeros(n, 2, d)
+                moments[steps > 0] = stepped.view(torch.float32).view(m, 2, d)
+                yield rows.view(torch.int64), table.view(torch.float32).view(n, d), moments, steps
 
     def restore(self, step: int) -> None:
         """Bring the files to checkpoint `step` (resume, or a fresh run at step 0), then journal from there."""
@@ -269,13 +271,16 @@ class ValuesFile:
         if base > step:
             raise ValuesFileError(f"memory.values_file={self.path} is at step {base} or later, past the checkpoint "
                                   f"of step {step}: {fix}")
-        records = list(self._records()) if base == step else []
-        for rows, table, old_moments, old_steps in reversed(records):
+        done = torch.zeros(self.rows, dtype=torch.bool)
+        for rows, table, old_moments, old_steps in (self._records() if base == step else ()):
+            first = ~done[rows]  # a row's first record holds its checkpoint-time contents
+            rows, table, old_moments, old_steps = rows[first], table[first], old_moments[first], old_steps[first]
+            done[rows] = True
             weight.index_copy_(0, rows, table)
             if moments is not None:
                 moments.index_copy_(0, rows, old_moments)
                 steps.index_copy_(0, rows, old_steps)
-        return torch.cat([r[0] for r in records]) if records else torch.zeros(0, dtype=torch.int64)
+        return done.nonzero().squeeze(1)
 
     def before_update(self, rows: Tensor) -> None:
         """RowAdam is about to change `rows` (unique, sorted) in the cache: mark them dirty, writing the cache
@@ -433,10 +438,13 @@ def _map(path: Path, shape: tuple, dtype: torch.dtype, *, shared: bool) -> Tenso
     if actual != numel * itemsize:
         raise ValuesFileError(f"{path} has {actual} bytes, expected {numel * itemsize}: not this table's file")
     mapped = torch.from_file(str(path), shared=shared, size=numel, dtype=dtype)
-    # MADV_RANDOM: a fault maps its own page only. Without it the kernel reads around each faulting row
-    # (128 KB): for rows read at random that pages in (and, for the never-written moments, zero-fills)
-    # most of the files within the first steps, the very pass this module avoids.
-    _advise(mapped, _MADV_RANDOM)
+    # MADV_RANDOM for the steps' copy-on-write mapping: a fault maps its own page only. Without it the kernel
+    # reads around each faulting row (128 KB): for rows read at random that pages in (and, for the
+    # never-written moments, zero-fills) most of the files within the first steps, the very pass this
+    # module avoids. The shared mapping keeps the kernel's read-ahead: write-backs and rollbacks go through it
+    # in ascending row order, and a checkpoint's dirty rows are often most of the table.
+    if not shared:
+        _advise(mapped, _MADV_RANDOM)
     return mapped.view(shape)
 
 
