@@ -8,7 +8,7 @@ memory-mapped files (`memory.values_file`, pkmlm/memory/values_file.py).
 Layer 1024 -> 1024 with n_keys**2 slots of 1024-dim values (n_keys 1024: 1.07B value parameters; 2048:
 4.3B), heads 4, knn 32, k_dim 512, query BatchNorm; batch 4 x 256 tokens; RowAdam on the values
 (through the write-back cache, as train.py does), AdamW on the rest. Prints the set-up time (building
-and initialising the table, or creating the files), the first step, the median of the later steps
+and initialising the table, or creating the files and, when they fit --cache-gb, reading them into RAM), the first step, the median of the later steps
 (a step that spilled the cache is counted with its spill), the checkpoint write-backs (`--checkpoint-every`,
 and one at the end: journal, copy into the files, fsync), the peak resident memory (VmHWM) and the
 resident anonymous / file-backed memory at the end. File-backed pages are the kernel's to evict

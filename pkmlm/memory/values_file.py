@@ -15,8 +15,15 @@ compiled kernels read and update the mapping in place; a page a step changes bec
 (anonymous) memory and the files stay untouched. Rows changed since the last write-back are marked
 dirty. A write-back (at every checkpoint, and before a step whose rows would take the dirty rows past
 the cache bound, `memory.values_file_cache_gb`) appends the checkpoint-time contents of the dirty rows
-not journaled yet to the journal, fsyncs it, copies the dirty rows into the files (through a shared
-mapping) and drops the private pages (MADV_DONTNEED: later reads see the files' new contents).
+not journaled yet to the journal, fsyncs it and copies the dirty rows into the files (through a shared
+mapping). A checkpoint's write-back keeps the private pages (they equal the files now, and the next
+steps change them in place, without a page fault each); a spill drops them all (MADV_DONTNEED: later
+reads see the files' new contents). The bound counts every row with private pages, clean or dirty.
+When the table and its state fit the bound whole (`bytes_needed() <= cache_bytes`), the cache is resident
+instead: they are read into ordinary memory once, sequentially, at attach, and steps run at the in-RAM
+step's speed (the mapping's first touch of a row costs three page faults, each a copy and, with several
+threads, a TLB shootdown: measured 4-9 s steps against 0.29 s in RAM for the 1.07B table,
+docs/benchmarks.md). Write-backs, the journal and crash safety are the same in both forms.
 
 Consistency. Checkpoints do not copy the table: they write back, fsync the files, record `uid`, and
 start a fresh journal based at their step. Files change only at a write-back, after the old contents
@@ -87,27 +94,26 @@ class ValuesFile:
         if writable and not self.meta.exists():
             self._create(seed)
         self.uid = self._read_meta()
-        self.weight = _map(self.path, (rows, dim), torch.float32, shared=False)
+        self.cache_bytes = _half_the_ram() if cache_bytes is None else cache_bytes
+        self.resident = writable and self.bytes_needed() <= self.cache_bytes
         self.moments = self.step = None
         if writable:
-            self.moments = _map(self._adam, (rows, 2, dim), torch.float32, shared=False)
-            self.step = _map(self._step, (rows,), torch.int64, shared=False)
             # The files themselves, shared: written only by write-backs and rollbacks.
             self._disk = (_map(self.path, (rows, dim), torch.float32, shared=True),
                           _map(self._adam, (rows, 2, dim), torch.float32, shared=True),
                           _map(self._step, (rows,), torch.int64, shared=True))
-        self.cache_bytes = _half_the_ram() if cache_bytes is None else cache_bytes
-        if writable and self.bytes_needed() <= self.cache_bytes:
-            # All of it will be in RAM soon anyway: read it ahead now, sequentially (MADV_WILLNEED), instead
-            # of a 4 KB random read per page as steps first touch rows (measured: 18-25 s steps when a
-            # resumed 1.07B run read its moments that way).
-            # Moments of files no step has reached yet are unwritten blocks (zeros without I/O): reading
-            # them ahead would only fill the page cache with zeros that the cache copies again.
-            stepped = bool(self.step.count_nonzero())
-            for tensor in (self.weight, self.step) + ((self.moments,) if stepped else ()):
-                _advise(tensor, _MADV_WILLNEED)
+        if self.resident:
+            self.weight, self.moments, self.step = (torch.empty_like(t) for t in self._disk)
+            self._load()
+        else:
+            self.weight = _map(self.path, (rows, dim), torch.float32, shared=False)
+            if writable:
+                self.moments = _map(self._adam, (rows, 2, dim), torch.float32, shared=False)
+                self.step = _map(self._step, (rows,), torch.int64, shared=False)
         self._dirty = torch.zeros(rows, dtype=torch.bool)  # changed in the cache since the last write-back
-        self._n_dirty = 0
+        # Changed since the last drop (a mapping: has private pages) or, resident, since read from the files.
+        self._cached = torch.zeros(rows, dtype=torch.bool)
+        self._n_cached = 0
         self._journaled = torch.zeros(rows, dtype=torch.bool)  # in the journal since the last checkpoint
         self._journal = None  # the open journal while training
 
@@ -121,6 +127,18 @@ class ValuesFile:
 
     def bytes_needed(self) -> int:
         return self.rows * self.dim * 4 * 3 + self.rows * 8
+
+    def _load(self) -> None:
+        """Resident cache: read the files into it, each sequentially (untouched moments are zeros: no read)."""
+        stepped = bool(self._disk[2].count_nonzero())
+        _read_into(self.path, self.weight)
+        _read_into(self._step, self.step)
+        if stepped:
+            _read_into(self._adam, self.moments)
+        else:
+            self.moments.zero_()
+        for path in (self.path, self._adam, self._step):  # our copy is in RAM now: the page cache need not be
+            _fadvise_dontneed(path)
 
     def _row_cache_bytes(self) -> int:
         """RAM a changed row holds in the cache: its table row and moments, a page at least each (rows
@@ -206,30 +224,37 @@ class ValuesFile:
         return struct.unpack("<q", head[8:])[0]
 
     def _records(self):
-        """(rows, table rows, moments, steps) of each journal record, in order; a torn last record is
-        ignored (its rows were not changed: changes wait for the fsync). A record holds the moments of
-        the rows with a step count only (the others' are zero)."""
-        data = self.undo.read_bytes()
-        pos, d = 16, self.dim
-        while pos + 16 <= len(data):
-            n, m = struct.unpack_from("<qq", data, pos)
-            size = 16 + n * 8 + n * d * 4 + n * 8 + m * 2 * d * 4
-            if n <= 0 or not 0 <= m <= n or pos + size > len(data):
-                break
-            buf = torch.frombuffer(bytearray(data[pos + 16:pos + size]), dtype=torch.uint8)
-            rows, table, steps, stepped = buf.split([n * 8, n * d * 4, n * 8, m * 2 * d * 4])
-            steps = steps.view(torch.int64)
-            moments = torch.zeros(n, 2, d)
-            moments[steps > 0] = stepped.view(torch.float32).view(m, 2, d)
-            yield rows.view(torch.int64), table.view(torch.float32).view(n, d), moments, steps
-            pos += size
+        """(rows, table rows, moments, steps) of each journal record, in order, read one record at a time (a
+        journal can hold most of the table); a torn last record is ignored (its rows were not changed:
+        changes wait for the fsync). A record holds the moments of the rows with a step count only (the
+        others' are zero)."""
+        d = self.dim
+        with open(self.undo, "rb") as f:
+            f.seek(16)
+            while len(head := f.read(16)) == 16:
+                n, m = struct.unpack("<qq", head)
+                if n <= 0 or not 0 <= m <= n:
+                    break
+                buf = torch.empty(n * 8 + n * d * 4 + n * 8 + m * 2 * d * 4, dtype=torch.uint8)
+                if f.readinto(memoryview(buf.numpy())) != buf.numel():
+                    break
+                rows, table, steps, stepped = buf.split([n * 8, n * d * 4, n * 8, m * 2 * d * 4])
+                steps = steps.view(torch.int64)
+                moments = torch.zeros(n, 2, d)
+                moments[steps > 0] = stepped.view(torch.float32).view(m, 2, d)
+                yield rows.view(torch.int64), table.view(torch.float32).view(n, d), moments, steps
 
     def restore(self, step: int) -> None:
         """Bring the files to checkpoint `step` (resume, or a fresh run at step 0), then journal from there."""
         weight, moments, steps = self._disk
-        if self._rewind(step, weight, moments, steps,
-                        fix="resume from the newest checkpoint (the files cannot go further back)"):
+        rewound = self._rewind(step, weight, moments, steps,
+                               fix="resume from the newest checkpoint (the files cannot go further back)")
+        if rewound.numel():
             self._fsync_files()  # the files are that checkpoint again before the journal is dropped
+        if self.resident:  # the rows that can differ from the files now, read again
+            for rows in _chunks(torch.unique(torch.cat([rewound, self._cached.nonzero().squeeze(1)]))):
+                for tensor, disk in zip((self.weight.detach(), self.moments, self.step), self._disk):
+                    tensor[rows] = disk[rows]
         self._drop_cache()
         self.checkpoint(step)
 
@@ -239,40 +264,46 @@ class ValuesFile:
 
     @torch.no_grad()
     def _rewind(self, step: int, weight: Tensor, moments: Tensor | None = None, steps: Tensor | None = None, *,
-                fix: str) -> bool:
+                fix: str) -> Tensor:
         """Undo, in `weight` (and `moments`, `steps` when given), the journaled changes made since checkpoint
-        `step`; True if there were any. ValuesFileError (ending in `fix`) when the files are past `step`."""
+        `step`; returns the rows changed. ValuesFileError (ending in `fix`) when the files are past `step`."""
         base = self.journal_step()
         if base > step:
             raise ValuesFileError(f"memory.values_file={self.path} is at step {base} or later, past the checkpoint "
                                   f"of step {step}: {fix}")
-        if base < step:
-            return False
-        records = list(self._records())
-        for rows, table, old_moments, old_steps in reversed(records):
+        done = torch.zeros(self.rows, dtype=torch.bool)
+        for rows, table, old_moments, old_steps in (self._records() if base == step else ()):
+            first = ~done[rows]  # a row's first record holds its checkpoint-time contents
+            rows, table, old_moments, old_steps = rows[first], table[first], old_moments[first], old_steps[first]
+            done[rows] = True
             weight.index_copy_(0, rows, table)
             if moments is not None:
                 moments.index_copy_(0, rows, old_moments)
                 steps.index_copy_(0, rows, old_steps)
-        return bool(records)
+        return done.nonzero().squeeze(1)
 
     def before_update(self, rows: Tensor) -> None:
         """RowAdam is about to change `rows` (unique, sorted) in the cache: mark them dirty, writing the cache
-        back first when they would take it past `cache_bytes` (the spill; a step's own rows always fit)."""
-        new = rows[~self._dirty[rows]]
-        if self._n_dirty and (self._n_dirty + new.numel()) * self._row_cache_bytes() > self.cache_bytes:
-            self.write_back()
+        back and dropping it first when they would take it past `cache_bytes` (the spill; a step's own rows
+        always fit)."""
+        new = rows[~self._cached[rows]]
+        if not self.resident and self._n_cached and (self._n_cached + new.numel()) * self._row_cache_bytes() > self.cache_bytes:
+            self.write_back(keep=False)
             new = rows
-        self._dirty[new] = True
-        self._n_dirty += new.numel()
+        self._dirty[rows] = True
+        self._cached[new] = True
+        self._n_cached += new.numel()
         _test_kill("step")
 
     @torch.no_grad()
-    def write_back(self) -> None:
+    def write_back(self, *, keep: bool) -> None:
         """Copy the dirty rows into the files, their checkpoint-time contents journaled (and fsynced) first;
-        then drop the cache's private pages. The files are not fsynced here (the journal covers them)."""
+        then keep the cache's private pages (`keep`: they equal the files now) or drop them. The files are
+        not fsynced here (the journal covers them)."""
         dirty = self._dirty.nonzero().squeeze(1)
         if not dirty.numel():
+            if not keep:
+                self._drop_cache()
             return
         disk_weight, disk_moments, disk_steps = self._disk
         new = dirty[~self._journaled[dirty]]
@@ -304,17 +335,22 @@ class ValuesFile:
             lo, hi = rows[0].item(), rows[-1].item() + 1
             for tensor in self._disk:
                 _advise(tensor, _MADV_DONTNEED, lo, hi)
-            for tensor in (self.weight, self.moments, self.step):
-                _advise(tensor, _MADV_DONTNEED, lo, hi, inward=True)
-        self._drop_cache()
+            if not (keep or self.resident):
+                for tensor in (self.weight, self.moments, self.step):
+                    _advise(tensor, _MADV_DONTNEED, lo, hi, inward=True)
+        if keep or self.resident:
+            self._dirty.zero_()
+        else:
+            self._drop_cache()
 
     def _drop_cache(self) -> None:
         """Forget the private pages (MADV_DONTNEED): the mappings read the files again, and resident
         file pages leave this process (the page cache keeps them for the kernel to write back or evict)."""
-        for tensor in (self.weight, self.moments, self.step, *self._disk):
+        for tensor in (() if self.resident else (self.weight, self.moments, self.step)) + self._disk:
             _advise(tensor, _MADV_DONTNEED)
         self._dirty.zero_()
-        self._n_dirty = 0
+        self._cached.zero_()
+        self._n_cached = 0
 
     def _fsync_files(self) -> None:
         for path in (self.path, self._adam, self._step):
@@ -326,7 +362,7 @@ class ValuesFile:
 
     def sync(self) -> None:
         """Write back and make every change so far durable (before a checkpoint records it)."""
-        self.write_back()
+        self.write_back(keep=True)
         self._fsync_files()
         _test_kill("sync")
 
@@ -402,14 +438,17 @@ def _map(path: Path, shape: tuple, dtype: torch.dtype, *, shared: bool) -> Tenso
     if actual != numel * itemsize:
         raise ValuesFileError(f"{path} has {actual} bytes, expected {numel * itemsize}: not this table's file")
     mapped = torch.from_file(str(path), shared=shared, size=numel, dtype=dtype)
-    # MADV_RANDOM: a fault maps its own page only. Without it the kernel reads around each faulting row
-    # (128 KB): for rows read at random that pages in (and, for the never-written moments, zero-fills)
-    # most of the files within the first steps, the very pass this module avoids.
-    _advise(mapped, _MADV_RANDOM)
+    # MADV_RANDOM for the steps' copy-on-write mapping: a fault maps its own page only. Without it the kernel
+    # reads around each faulting row (128 KB): for rows read at random that pages in (and, for the
+    # never-written moments, zero-fills) most of the files within the first steps, the very pass this
+    # module avoids. The shared mapping keeps the kernel's read-ahead: write-backs and rollbacks go through it
+    # in ascending row order, and a checkpoint's dirty rows are often most of the table.
+    if not shared:
+        _advise(mapped, _MADV_RANDOM)
     return mapped.view(shape)
 
 
-_MADV_RANDOM, _MADV_WILLNEED, _MADV_DONTNEED = 1, 3, 4
+_MADV_RANDOM, _MADV_DONTNEED = 1, 4
 
 
 def _advise(mapped: Tensor, advice: int, lo: int = 0, hi: int | None = None, *, inward: bool = False) -> None:
@@ -428,6 +467,26 @@ def _advise(mapped: Tensor, advice: int, lo: int = 0, hi: int | None = None, *, 
     if end > start and _LIBC.madvise(start, end - start, advice) != 0 and advice == _MADV_DONTNEED:
         # The cache would keep rows the files now hold: never silently.
         raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed on a values file mapping")
+
+
+def _read_into(path: Path, tensor: Tensor) -> None:
+    """Fill the contiguous `tensor` with the file at `path`, read sequentially."""
+    view = memoryview(tensor.numpy()).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:done + (1 << 30)])
+            if not n:
+                raise ValuesFileError(f"{path} ended after {done} bytes: not this table's file")
+            done += n
+
+
+def _fadvise_dontneed(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _libc():

@@ -148,6 +148,15 @@ def test_config_checks(data_dir, tmp_path):
         c.validate_runtime(device_type="cuda")
 
 
+def _update(vf, ids, value):
+    """What RowAdam does: mark the rows, then change them in the cache."""
+    ids = torch.tensor(ids)
+    vf.before_update(ids)
+    vf.weight[ids] = value
+    vf.moments[ids] = value
+    vf.step[ids] += 1
+
+
 def test_changed_rows_stay_in_ram_until_written_back_and_spill_at_the_bound(tmp_path):
     rows, dim = 4096, 1024  # a row is one page: the bound below holds exactly 3 changed rows
     vf = ValuesFile(tmp_path / "v", rows, dim, writable=True, seed=0, cache_bytes=3 * (4096 + 8192 + 8))
@@ -155,12 +164,8 @@ def test_changed_rows_stay_in_ram_until_written_back_and_spill_at_the_bound(tmp_
     on_disk = ValuesFile(tmp_path / "v", rows, dim, writable=False)  # a second, read-only view of the files
     before = on_disk.weight.clone()
 
-    def update(ids, value):  # what RowAdam does: mark, then change the rows in the cache
-        ids = torch.tensor(ids)
-        vf.before_update(ids)
-        vf.weight[ids] = value
-        vf.moments[ids] = value
-        vf.step[ids] += 1
+    def update(ids, value):
+        _update(vf, ids, value)
 
     update([1, 5], 1.0)
     update([5, 9], 2.0)  # 3 changed rows: at the bound, not past it
@@ -177,6 +182,64 @@ def test_changed_rows_stay_in_ram_until_written_back_and_spill_at_the_bound(tmp_
     disk = torch.from_file(str(tmp_path / "v"), size=rows * dim).view(rows, dim)
     assert torch.equal(disk, before) and torch.equal(vf.weight, before)
     assert vf.step.count_nonzero() == 0 and vf.moments.count_nonzero() == 0
+
+
+def test_a_checkpoint_writes_the_cache_back_and_keeps_it_until_a_spill(tmp_path):
+    import resource
+
+    rows, dim = 4096, 1024
+    vf = ValuesFile(tmp_path / "v", rows, dim, writable=True, seed=0, cache_bytes=3 * (4096 + 8192 + 8))
+    vf.restore(0)
+    before = vf.weight.clone()
+    _update(vf, [1, 5], 1.0)
+    vf.sync()
+    vf.checkpoint(1)
+    disk = torch.from_file(str(tmp_path / "v"), size=rows * dim).view(rows, dim)
+    assert (disk[[1, 5]] == 1.0).all()  # written back
+    ids = torch.tensor([1, 5])
+    vf.before_update(ids)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    vf.weight[1].fill_(2.0)
+    vf.moments[1].fill_(2.0)
+    vf.weight[5].fill_(2.0)
+    vf.moments[5].fill_(2.0)
+    # The kept pages change in place; a dropped cache would fault each of these 6 pages again (read, then copy).
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 3
+    vf.step[ids] += 1
+    assert (disk[[1, 5]] == 1.0).all()  # the files hold checkpoint 1 until the next write-back
+    _update(vf, [9], 3.0)  # 3 rows with private pages (2 of them clean since the checkpoint): at the bound
+    _update(vf, [100], 4.0)  # past it: the spill writes back rows 1, 5 and 9 and drops the cache
+    assert (disk[[1, 5]] == 2.0).all() and (disk[9] == 3.0).all() and torch.equal(disk[100], before[100])
+    assert vf.weight[[1, 5, 9, 100], 0].tolist() == [2.0, 2.0, 3.0, 4.0]
+    vf.restore(1)  # a resume from checkpoint 1: the rows written back since then return to it
+    assert (vf.weight[[1, 5]] == 1.0).all() and torch.equal(vf.weight[9], before[9])
+    assert torch.equal(vf.weight[100], before[100]) and vf.step[[1, 5, 9, 100]].tolist() == [1, 1, 0, 0]
+
+
+def test_a_table_that_fits_the_cache_is_read_into_ram_once_and_written_at_checkpoints(tmp_path):
+    rows, dim = 4096, 64
+    vf = ValuesFile(tmp_path / "v", rows, dim, writable=True, seed=0, cache_bytes=1 << 30)
+    private = [line for line in open("/proc/self/maps") if line.split()[1].endswith("p")
+               and line.rstrip().endswith(str(tmp_path / "v"))]
+    assert vf.resident and not private  # ordinary memory, not a copy-on-write mapping of the files
+    vf.restore(0)
+    before = vf.weight.clone()
+    disk = torch.from_file(str(tmp_path / "v"), size=rows * dim).view(rows, dim)
+    assert torch.equal(disk, before)
+    _update(vf, [1, 5], 1.0)
+    assert torch.equal(disk, before)  # the files wait for the checkpoint
+    vf.sync()
+    vf.checkpoint(1)
+    assert (disk[[1, 5]] == 1.0).all()
+    _update(vf, [5, 9], 2.0)
+    vf.sync()  # written back, not yet recorded by a checkpoint: a resume from 1 undoes it
+    _update(vf, [100], 3.0)  # changed in RAM only
+    vf.restore(1)
+    assert (vf.weight[[1, 5]] == 1.0).all() and torch.equal(vf.weight[[9, 100]], before[[9, 100]])
+    assert torch.equal(disk, vf.weight) and vf.step[[1, 5, 9, 100]].tolist() == [1, 1, 0, 0]
+    assert torch.equal(vf.moments, torch.from_file(str(tmp_path / "v.adam"), size=rows * 2 * dim).view(rows, 2, dim))
+    again = ValuesFile(tmp_path / "v", rows, dim, writable=True, cache_bytes=1 << 30)  # moments read back too
+    assert torch.equal(again.weight, vf.weight) and torch.equal(again.moments, vf.moments)
 
 
 def _train_cli(cfg, *args, kill_at=None):
@@ -204,24 +267,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Steps 1-8, checkpoints at 3, 6, 8. A tiny cache (mapped) spills before every step: write-backs (3 passes
+# each) before steps 2-6 and 7-8 and at checkpoints. A resident cache writes back at checkpoints only.
+KILL_POINTS = {1e-6: ["step:5", "journal:4", "writeback:11", "writeback:17", "sync:2", "checkpoint:3"],
+               None: ["step:5", "journal:2", "writeback:5", "sync:2", "checkpoint:2"]}
+
+
 @pytest.mark.slow
-def test_sigkill_at_any_moment_resumes_bitwise(data_dir, tmp_path, one_thread):
+@pytest.mark.parametrize("cache_gb", KILL_POINTS, ids=["mapped, spilling", "resident"])
+def test_sigkill_at_any_moment_resumes_bitwise(data_dir, tmp_path, one_thread, cache_gb):
     """SIGKILL mid-step, mid-journal, mid-write-back (a spill's, a checkpoint's), with the files durable but
     the checkpoint unwritten, and with the checkpoint written but the journal not reset: the resumed run
-    ends bitwise where an uninterrupted one does. A tiny cache spills before every step."""
+    ends bitwise where an uninterrupted one does."""
     import yaml
 
     def cfg(name):
         c = config(data_dir, tmp_path / name, tmp_path / f"{name}.values", max_steps=8, eval_every=100)
-        c.memory.values_file_cache_gb = 1e-6  # one changed row's pages are past it
+        c.memory.values_file_cache_gb = cache_gb  # 1e-6: one changed row's pages are past it
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c.to_dict()))
         return c
 
     whole = train(cfg("whole"))
     step, model, dense, files = _final_state(tmp_path / "whole", tmp_path / "whole.values")
     assert step == 8 and set(files) == {"", ".adam", ".step"}
-    # Steps 1-8, checkpoints at 3, 6, 8; write-backs (3 passes each) before steps 2-6 and 7-8 and at checkpoints.
-    for kill_at in ["step:5", "journal:4", "writeback:11", "writeback:17", "sync:2", "checkpoint:3"]:
+    for kill_at in KILL_POINTS[cache_gb]:
         name = kill_at.replace(":", "_")
         c = cfg(name)
         crashed = _train_cli(tmp_path / f"{name}.yaml", kill_at=kill_at)
