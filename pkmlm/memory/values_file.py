@@ -287,7 +287,8 @@ class ValuesFile:
         back and dropping it first when they would take it past `cache_bytes` (the spill; a step's own rows
         always fit)."""
         new = rows[~self._cached[rows]]
-        if not self.resident and self._n_cached and (self._n_cached + new.numel()) * self._row_cache_bytes() > self.cache_bytes:
+        past = (self._n_cached + new.numel()) * self._row_cache_bytes() > self.cache_bytes
+        if not self.resident and self._n_cached and past:
             self.write_back(keep=False)
             new = rows
         self._dirty[rows] = True
