@@ -155,7 +155,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, *, x: str = "forgot_a", y: str = "acc_b",
+         xlabel: str = "forgotten: drop in accuracy on set A", ylabel: str = "learned: accuracy on set B") -> None:
+    """One line per method (rows after the first, the starting model), a point per lr: ``y`` against ``x``."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -166,11 +168,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         points = [r for r in rows if r["method"] == method]
-        ax.plot([r["forgot_a"] for r in points], [r["acc_b"] for r in points], "o-", label=method)
+        ax.plot([r[x] for r in points], [r[y] for r in points], "o-", label=method)
         for r in points:
-            ax.annotate(f"{r['lr']:g}", (r["forgot_a"], r["acc_b"]), fontsize=7)
-    ax.set_xlabel("forgotten: drop in accuracy on set A")
-    ax.set_ylabel("learned: accuracy on set B")
+            ax.annotate(f"{r['lr']:g}", (r[x], r[y]), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

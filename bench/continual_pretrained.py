@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--background-tokens", type=int, default=100_000, help="slots: BBC tokens of the TF-IDF")
     parser.add_argument("--eval-windows", type=int, default=8, help="BBC test windows of 1,024 tokens scored")
     parser.add_argument("--report", type=Path)
+    parser.add_argument("--plot", type=Path, help="learning-forgetting plot: log-likelihood of the new answers "
+                                                  "against the drop in held-fact accuracy (needs matplotlib)")
     args = parser.parse_args(argv)
     args.work = args.work.resolve()
     args.retrofitted = (args.retrofitted or args.work / "ft_memory_frozen_dense").resolve()
@@ -180,6 +182,12 @@ def main(argv=None) -> int:
     (args.work / "continual" / args.retrofitted.name / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.report:
         args.report.write_text(text)
+    if args.plot:
+        from continual import plot  # bench/continual.py
+
+        plot([{**r, "forgot": base["acc_held"] - r["acc_held"]} for r in rows], args.plot, x="forgot", y="logprob_new",
+             xlabel="forgotten: drop in accuracy on the held facts",
+             ylabel="learned: log-likelihood of the new answers (nats)")
     return 0
 
 
