@@ -221,11 +221,11 @@ def plot(rows: list[dict], path: Path) -> None:
         print("no plot: pip install matplotlib", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    def key(r):
-        return r["model"], r["layers"], r["width"], r["steps"]
+    def key(r):  # a row's "budget" (e.g. "10 passes", steps growing with N) joins rows of different steps
+        return r["model"], r["layers"], r["width"], r.get("budget") or f"{r['steps']:,} steps"
     for line in dict.fromkeys(map(key, rows)):
         points = sorted((r for r in rows if key(r) == line), key=lambda r: r["people"])
-        label = f"{line[0]} (L={line[1]}, d={line[2]}), {line[3]} steps"
+        label = f"{line[0]} (L={line[1]}, d={line[2]}), {line[3]}"
         axes[0].plot([r["people"] for r in points], [r["acc_seen"] for r in points], "o-", label=label)
         axes[1].plot([r["people"] for r in points], [r["bits_loss"] for r in points], "o-", label=label)
     for ax, name in zip(axes, ["accuracy, seen people (exact answer)", "bits of knowledge (loss-based)"]):
