@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -438,7 +439,16 @@ def _map(path: Path, shape: tuple, dtype: torch.dtype, *, shared: bool) -> Tenso
                               "afresh, or restore it") from None
     if actual != numel * itemsize:
         raise ValuesFileError(f"{path} has {actual} bytes, expected {numel * itemsize}: not this table's file")
-    mapped = torch.from_file(str(path), shared=shared, size=numel, dtype=dtype)
+    if shared:
+        mapped = torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+    else:
+        # MAP_NORESERVE: without it the kernel charges a private writable mapping in full against the commit
+        # limit and refuses one larger than RAM (ENOMEM), the very case of a table larger than RAM; the
+        # cache's bound keeps the pages it really takes.
+        with open(path, "rb") as f:
+            view = mmap.mmap(f.fileno(), numel * itemsize, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapped = torch.frombuffer(view, dtype=dtype)  # holds `view`: unmapped when the tensor is freed
     # MADV_RANDOM for the steps' copy-on-write mapping: a fault maps its own page only. Without it the kernel
     # reads around each faulting row (128 KB): for rows read at random that pages in (and, for the
     # never-written moments, zero-fills) most of the files within the first steps, the very pass this
@@ -450,6 +460,7 @@ def _map(path: Path, shape: tuple, dtype: torch.dtype, *, shared: bool) -> Tenso
 
 
 _MADV_RANDOM, _MADV_DONTNEED = 1, 4
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11's mmap lacks the name
 
 
 def _advise(mapped: Tensor, advice: int, lo: int = 0, hi: int | None = None, *, inward: bool = False) -> None:

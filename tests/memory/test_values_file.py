@@ -242,6 +242,19 @@ def test_a_table_that_fits_the_cache_is_read_into_ram_once_and_written_at_checkp
     assert torch.equal(again.weight, vf.weight) and torch.equal(again.moments, vf.moments)
 
 
+def test_a_table_larger_than_the_ram_is_mapped(tmp_path):
+    import json
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    rows, dim = 2 * ram // (1024 * 4), 1024  # twice the RAM, as a sparse file (no disk used)
+    os.truncate(open(tmp_path / "v", "wb").name, rows * dim * 4)
+    (tmp_path / "v.json").write_text(json.dumps({"uid": "u", "rows": rows, "dim": dim, "dtype": "float32"}))
+    vf = ValuesFile(tmp_path / "v", rows, dim, writable=False)  # a private mapping; ENOMEM without MAP_NORESERVE
+    vf.weight[rows - 1, :2] = 1.0
+    assert vf.weight[rows - 1, :3].tolist() == [1.0, 1.0, 0.0]
+    assert os.stat(tmp_path / "v").st_blocks == 0  # the change stayed in the process
+
+
 def _train_cli(cfg, *args, kill_at=None):
     import subprocess
     import sys
