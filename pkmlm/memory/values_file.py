@@ -131,10 +131,9 @@ class ValuesFile:
 
     def _load(self) -> None:
         """Resident cache: read the files into it, each sequentially (untouched moments are zeros: no read)."""
-        stepped = bool(self._disk[2].count_nonzero())
         _read_into(self.path, self.weight)
         _read_into(self._step, self.step)
-        if stepped:
+        if self.step.count_nonzero():
             _read_into(self._adam, self.moments)
         else:
             self.moments.zero_()
@@ -302,6 +301,7 @@ class ValuesFile:
         """Copy the dirty rows into the files, their checkpoint-time contents journaled (and fsynced) first;
         then keep the cache's private pages (`keep`: they equal the files now) or drop them. The files are
         not fsynced here (the journal covers them)."""
+        keep = keep or self.resident  # a resident cache is the table itself: never dropped
         dirty = self._dirty.nonzero().squeeze(1)
         if not dirty.numel():
             if not keep:
@@ -337,10 +337,10 @@ class ValuesFile:
             lo, hi = rows[0].item(), rows[-1].item() + 1
             for tensor in self._disk:
                 _advise(tensor, _MADV_DONTNEED, lo, hi)
-            if not (keep or self.resident):
+            if not keep:
                 for tensor in (self.weight, self.moments, self.step):
                     _advise(tensor, _MADV_DONTNEED, lo, hi, inward=True)
-        if keep or self.resident:
+        if keep:
             self._dirty.zero_()
         else:
             self._drop_cache()
